@@ -1,0 +1,154 @@
+"""The disk cache of analyses: arrays as ``.npy`` bytes, never pickles.
+
+diskcache stores ``bytes`` values raw and pickles anything else. :class:`NoPickleDisk` refuses
+both ways, so a pickle planted in the cache directory is reported as a corrupt entry instead of
+being executed, and arrays always come back through ``np.load(..., allow_pickle=False)``.
+
+The cache is a SQLite-indexed directory, safe to share between threads and processes, bounded in
+size with least-recently-used eviction.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import zlib
+from pathlib import Path
+
+import diskcache
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# Attention weights are stored as fixed-point uint16 with this many steps per unit, so the
+# round-off is at most 1 / (2 * ATTN_SCALE) = 1.2e-4, inside the 1e-3 the views promise; the
+# many near-zero weights then compress well.
+ATTN_SCALE = 4096
+_RAW, _ZLIB = b"N", b"Z"
+
+
+class CorruptEntryError(Exception):
+    """A cache entry exists but cannot be decoded; callers recompute it."""
+
+
+class NoPickleDisk(diskcache.Disk):
+    """A diskcache ``Disk`` that stores and returns only str and bytes, never pickles."""
+
+    def store(self, value, read, key=diskcache.core.UNKNOWN):
+        if not read and not isinstance(value, (bytes, str)):
+            raise TypeError(f"the analysis cache stores bytes or str, not {type(value).__name__}")
+        return super().store(value, read, key=key)
+
+    def fetch(self, mode, filename, value, read):
+        if mode == diskcache.core.MODE_PICKLE:
+            raise CorruptEntryError("refusing to unpickle a cache entry")
+        return super().fetch(mode, filename, value, read)
+
+
+def encode_array(array: np.ndarray, *, compress: bool = False) -> bytes:
+    """``.npy`` bytes behind a one-byte marker, zlib-compressed when asked."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    raw = buffer.getvalue()
+    return _ZLIB + zlib.compress(raw, 1) if compress else _RAW + raw
+
+
+def decode_array(blob: bytes) -> np.ndarray:
+    """Inverse of :func:`encode_array`; raises :class:`CorruptEntryError` on bad bytes."""
+    if not isinstance(blob, bytes) or not blob:
+        raise CorruptEntryError("empty or non-bytes cache entry")
+    marker, body = blob[:1], blob[1:]
+    try:
+        if marker == _ZLIB:
+            body = zlib.decompress(body)
+        elif marker != _RAW:
+            raise CorruptEntryError(f"unknown array marker {marker!r}")
+        return np.load(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OSError, EOFError, zlib.error) as exc:
+        raise CorruptEntryError(f"undecodable array: {exc}") from None
+
+
+def quantize_attention(pattern: np.ndarray) -> np.ndarray:
+    """Attention weights in [0, 1] as uint16 fixed point (see :data:`ATTN_SCALE`)."""
+    return np.rint(np.clip(pattern, 0.0, 1.0) * ATTN_SCALE).astype(np.uint16)
+
+
+def dequantize_attention(codes: np.ndarray) -> np.ndarray:
+    return codes.astype(np.float32) / ATTN_SCALE
+
+
+class ArrayStore:
+    """Named arrays and JSON documents in a size-bounded, process-safe disk cache."""
+
+    def __init__(self, directory: Path | str, size_limit_bytes: int):
+        self.directory = Path(directory)
+        self._cache = diskcache.Cache(
+            str(self.directory),
+            size_limit=int(size_limit_bytes),
+            eviction_policy="least-recently-used",
+            disk=NoPickleDisk,
+            tag_index=True,
+        )
+
+    def put_array(self, key: str, array: np.ndarray, *, tag: str, compress: bool = False) -> None:
+        self._cache.set(key, encode_array(array, compress=compress), tag=tag)
+
+    def get_array(self, key: str) -> np.ndarray | None:
+        """The array under ``key``, None when absent; CorruptEntryError when unreadable."""
+        blob = self._get(key)
+        return None if blob is None else decode_array(blob)
+
+    def put_json(self, key: str, document: dict, *, tag: str) -> None:
+        self._cache.set(key, json.dumps(document, ensure_ascii=False).encode(), tag=tag)
+
+    def get_json(self, key: str) -> dict | None:
+        blob = self._get(key)
+        if blob is None:
+            return None
+        try:
+            document = json.loads(blob)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CorruptEntryError(f"undecodable JSON entry {key!r}: {exc}") from None
+        if not isinstance(document, dict):
+            raise CorruptEntryError(f"JSON entry {key!r} is not an object")
+        return document
+
+    def evict(self, tag: str) -> None:
+        """Drop every entry written with ``tag`` (one analysis)."""
+        self._cache.evict(tag)
+
+    def volume(self) -> int:
+        """Bytes on disk."""
+        return int(self._cache.volume())
+
+    def close(self) -> None:
+        self._cache.close()
+
+    def _get(self, key: str) -> bytes | None:
+        try:
+            value = self._cache.get(key, default=None, retry=True)
+        except CorruptEntryError:
+            raise
+        except (OSError, diskcache.Timeout) as exc:
+            # A value file removed under us, or a cache directory that vanished.
+            raise CorruptEntryError(f"cache read failed for {key!r}: {exc}") from None
+        if value is not None and not isinstance(value, bytes):
+            raise CorruptEntryError(f"entry {key!r} is {type(value).__name__}, not bytes")
+        return value
+
+
+_stores: dict[tuple[str, int], ArrayStore] = {}
+
+
+def default_store() -> ArrayStore:
+    """The process's store on ``MEMLENS_CACHE_DIR``/analyses, opened once per directory."""
+    from analysis.settings import get_settings
+
+    settings = get_settings()
+    directory = settings.cache_dir / "analyses"
+    size = int(settings.cache_size_gb * 1024**3)
+    key = (str(directory), size)
+    if key not in _stores:
+        _stores[key] = ArrayStore(directory, size)
+    return _stores[key]

@@ -1,0 +1,262 @@
+"""Train `memlens-demo`, the small GPT-2 that MemLens ships and opens on.
+
+The model must show the memory mechanisms the dashboard is about, so the training data mixes
+natural text with sequences in which random token segments repeat: that is what makes
+previous-token and induction heads form in a few minutes on a CPU (Olsson et al. 2022, "In-context
+learning and induction heads").
+
+Run it with ``python -m analysis.train_demo``; it overwrites ``analysis/weights/memlens-demo``.
+Everything is seeded, so the same machine gives the same files. Text sources (all from Debian
+packages, redistributable):
+
+- ``dict-jargon``: the Jargon File 4.4.7 (public domain)
+- ``dict-devil``: Ambrose Bierce, *The Devil's Dictionary* (public domain)
+- ``python3.11-doc``: the Python 3.11 documentation sources (PSF licence)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEMO_DIR = Path(__file__).resolve().parent / "weights" / "memlens-demo"
+EOT = "<|endoftext|>"
+
+# Where Debian puts each text, and the package that provides it.
+TEXT_SOURCES = {
+    "/usr/share/dictd/jargon.dict.dz": "dict-jargon",
+    "/usr/share/dictd/devil.dict.dz": "dict-devil",
+    "/usr/share/doc/python3.11/html/_sources": "python3.11-doc",
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every knob of the run; written next to the weights so a run can be reproduced."""
+
+    seed: int = 0
+    vocab_size: int = 1024
+    n_layer: int = 3
+    n_head: int = 4
+    n_embd: int = 128
+    n_ctx: int = 256
+    batch_size: int = 16
+    steps: int = 2000
+    lr: float = 2e-3
+    warmup: int = 100
+    weight_decay: float = 0.05
+    synthetic_fraction: float = 0.5
+    # The first steps are almost all repeated segments: with nothing else to lower the loss,
+    # previous-token and induction heads form early; natural text then fills in.
+    warm_synthetic_fraction: float = 0.9
+    warm_synthetic_steps: int = 600
+    min_segment: int = 8
+    max_segment: int = 64
+
+
+def read_corpus() -> list[str]:
+    """Documents from the Debian text packages, in a fixed order."""
+    missing = [pkg for path, pkg in TEXT_SOURCES.items() if not Path(path).exists()]
+    if missing:
+        raise SystemExit(
+            f"training text not found; install it with: apt-get install -y {' '.join(missing)}"
+        )
+
+    docs: list[str] = []
+    for path in sorted(TEXT_SOURCES):
+        source = Path(path)
+        if source.is_dir():
+            for file in sorted(source.rglob("*.txt")):
+                docs.append(file.read_text(encoding="utf-8", errors="replace"))
+        else:
+            # dictd's .dz files are gzip-compatible; split the dictionary into its entries.
+            text = gzip.decompress(source.read_bytes()).decode("utf-8", errors="replace")
+            docs.extend(chunk for chunk in text.split("\n\n\n") if chunk.strip())
+    return docs
+
+
+def train_tokenizer(docs: list[str], config: TrainConfig, out_dir: Path):
+    """A byte-level BPE with a small vocabulary, saved as a GPT-2 style fast tokenizer."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2TokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        docs,
+        vocab_size=config.vocab_size,
+        min_frequency=2,
+        special_tokens=[EOT],
+        show_progress=False,
+    )
+    raw = out_dir / "bpe.json"
+    bpe.save(str(raw))
+    tokenizer = GPT2TokenizerFast(
+        tokenizer_file=str(raw), bos_token=EOT, eos_token=EOT, unk_token=EOT
+    )
+    raw.unlink()
+    tokenizer.model_max_length = config.n_ctx
+    return tokenizer
+
+
+def encode_corpus(docs: list[str], tokenizer) -> np.ndarray:
+    """One long token stream, documents separated by the end-of-text token."""
+    eot = tokenizer.eos_token_id
+    ids: list[int] = []
+    for doc in docs:
+        ids.append(eot)
+        ids.extend(tokenizer(doc)["input_ids"])
+    return np.asarray(ids, dtype=np.int64)
+
+
+def make_batch(
+    stream: np.ndarray, config: TrainConfig, rng: np.random.Generator, synthetic_fraction: float
+) -> torch.Tensor:
+    """Natural text windows, a ``synthetic_fraction`` of them overwritten in places by random
+    segments that repeat two or three times."""
+    rows = []
+    for _ in range(config.batch_size):
+        start = int(rng.integers(0, len(stream) - config.n_ctx))
+        row = stream[start : start + config.n_ctx].copy()
+        if rng.random() < synthetic_fraction:
+            pos = int(rng.integers(0, 32))
+            while True:
+                length = int(rng.integers(config.min_segment, config.max_segment + 1))
+                repeats = int(rng.integers(2, 4))
+                if pos + length * repeats > config.n_ctx:
+                    break
+                segment = rng.integers(1, config.vocab_size, size=length)
+                row[pos : pos + length * repeats] = np.tile(segment, repeats)
+                pos += length * repeats + int(rng.integers(0, 48))
+        rows.append(row)
+    return torch.from_numpy(np.stack(rows))
+
+
+def memory_scores(model, config: TrainConfig, seed: int = 1, seg_len: int = 50) -> dict:
+    """Best induction and previous-token head scores, and the loss ratio on repeats."""
+    gen = torch.Generator().manual_seed(seed)
+    half = torch.randint(1, config.vocab_size, (16, seg_len), generator=gen)
+    tokens = torch.cat([half, half], dim=1)
+    # Training runs on the fused kernel; attention weights need the eager one.
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = model(tokens, output_attentions=True)
+    model.set_attn_implementation("sdpa")
+    logprobs = out.logits.log_softmax(-1)[:, :-1]
+    loss = -logprobs.gather(-1, tokens[:, 1:, None])[..., 0].mean(0)
+    induction, previous = 0.0, 0.0
+    for pattern in out.attentions:  # [batch, head, q, k]
+        q = torch.arange(seg_len, 2 * seg_len)
+        ind = pattern[:, :, q, q - seg_len + 1].mean(dim=(0, 2))
+        q1 = torch.arange(1, 2 * seg_len)
+        prev = pattern[:, :, q1, q1 - 1].mean(dim=(0, 2))
+        induction = max(induction, float(ind.max()))
+        previous = max(previous, float(prev.max()))
+    first, second = float(loss[: seg_len - 1].mean()), float(loss[seg_len:].mean())
+    return {"induction": induction, "previous_token": previous, "loss_ratio": second / first}
+
+
+def train(config: TrainConfig, out_dir: Path = DEMO_DIR) -> dict:
+    """Train tokenizer and model, write them to ``out_dir`` and return the final scores."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(config.seed)
+    torch.use_deterministic_algorithms(True)
+    rng = np.random.default_rng(config.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # Tokenizer and data.
+    docs = read_corpus()
+    tokenizer = train_tokenizer(docs, config, out_dir)
+    stream = encode_corpus(docs, tokenizer)
+    logger.info("corpus: %d documents, %d tokens", len(docs), len(stream))
+
+    # Model: a plain GPT-2, without dropout so that training is reproducible and quick.
+    model_config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=config.n_ctx,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = GPT2LMHeadModel(model_config)
+    model.set_attn_implementation("sdpa")
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+
+    def lr_at(step: int) -> float:
+        if step < config.warmup:
+            return (step + 1) / config.warmup
+        progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+
+    # Training loop.
+    started = time.monotonic()
+    for step in range(config.steps):
+        warm = step < config.warm_synthetic_steps
+        fraction = config.warm_synthetic_fraction if warm else config.synthetic_fraction
+        batch = make_batch(stream, config, rng, fraction)
+        loss = model(batch, labels=batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        if step % 100 == 0 or step == config.steps - 1:
+            model.eval()
+            scores = memory_scores(model, config)
+            model.train()
+            logger.info(
+                "step %d/%d loss %.3f induction %.2f prev %.2f loss-ratio %.2f (%.0fs)",
+                step,
+                config.steps,
+                loss.item(),
+                scores["induction"],
+                scores["previous_token"],
+                scores["loss_ratio"],
+                time.monotonic() - started,
+            )
+
+    # Save in Hugging Face format, with the recipe beside it.
+    model.eval()
+    scores = memory_scores(model, config)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    recipe = {"train_config": asdict(config), "sources": TEXT_SOURCES, "final_scores": scores}
+    (out_dir / "memlens_recipe.json").write_text(json.dumps(recipe, indent=2, sort_keys=True))
+    return scores
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEMO_DIR, help="output directory")
+    parser.add_argument("--steps", type=int, default=TrainConfig.steps, help="training steps")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    scores = train(TrainConfig(steps=args.steps), args.out)
+    logger.info("final scores: %s", scores)
+
+
+if __name__ == "__main__":
+    main()
