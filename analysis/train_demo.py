@@ -250,10 +250,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEMO_DIR, help="output directory")
     parser.add_argument("--steps", type=int, default=TrainConfig.steps, help="training steps")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (the shipped weights used 1)"
+    )
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
     scores = train(TrainConfig(steps=args.steps), args.out)
     logger.info("final scores: %s", scores)
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from analysis import analyze, load_model
-from analysis.settings import REPO_ROOT
 from analysis.prompt import FORMAT_VERSION, tokenize
+from analysis.settings import REPO_ROOT
 from tests.conftest import ATOL
 
 PROMPT = "The cat sat on the mat. The cat sat on the mat."
