@@ -8,9 +8,10 @@ so a setting added here without documentation fails the suite.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,6 +79,31 @@ SETTINGS: tuple[Setting, ...] = (
         int,
         "Longest prompt accepted, in tokens (the model's context can lower it further).",
     ),
+    Setting("MEMLENS_WORKERS", "2", int, "Web worker processes of `app.py serve` (gunicorn)."),
+    Setting(
+        "MEMLENS_REDIS_URL",
+        "",
+        str,
+        "Redis URL; when set, long jobs run on Celery workers instead of in the web server.",
+    ),
+    Setting(
+        "MEMLENS_AUTH_USERS",
+        "",
+        str,
+        "Basic-auth users as 'name:password,name:password'; empty turns auth off.",
+    ),
+    Setting(
+        "MEMLENS_AUTH_TOKEN",
+        "",
+        str,
+        "Shared team token, given as the basic-auth password with any user name.",
+    ),
+    Setting(
+        "MEMLENS_MAX_JOBS_PER_USER", "2", int, "Long jobs one browser session may run at once."
+    ),
+    Setting(
+        "MEMLENS_JOB_TIMEOUT_S", "900", float, "A long job is stopped after this many seconds."
+    ),
 )
 
 
@@ -95,6 +121,12 @@ class Settings:
     device: str
     max_prompt_chars: int
     max_tokens: int
+    workers: int
+    redis_url: str
+    auth_users: str
+    auth_token: str
+    max_jobs_per_user: int
+    job_timeout_s: float
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
