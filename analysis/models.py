@@ -16,6 +16,7 @@ import difflib
 import hashlib
 import logging
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -80,6 +81,17 @@ class LoadedModel:
     def tokenizer(self):
         return self.bridge.tokenizer
 
+
+def _one_thread_after_fork() -> None:
+    """Background jobs run in forked copies of the server; a fork inherits torch's thread-pool
+    state without its threads, and its first parallel matmul waits for ever. One thread in
+    the child avoids the pool."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
+
+
+os.register_at_fork(after_in_child=_one_thread_after_fork)
 
 _loaded: dict[tuple[str, str, str], LoadedModel] = {}
 _load_locks: dict[tuple[str, str, str], threading.Lock] = {}
