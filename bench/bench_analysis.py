@@ -69,7 +69,7 @@ def main() -> None:
         prompt = prompt_of(n_tokens, loaded)
         tokens, _ = tokenize(loaded, prompt, prepend_bos=True, truncate=False)
 
-        def bare():
+        def bare(tokens=tokens):
             with loaded.lock, torch.inference_mode():
                 loaded.bridge.run_with_cache(tokens)
 
@@ -85,7 +85,9 @@ def main() -> None:
         cold_s = statistics.median(cold)
 
         layer = pa.n_layers // 2
-        warm_ms = 1000 * statistics.median(timed(lambda: pa.attention(layer), 20))
+        warm_ms = 1000 * statistics.median(
+            timed(lambda pa=pa, layer=layer: pa.attention(layer), 20)
+        )
         disk_mb = store.volume() / 1e6
         print(
             f"{n_tokens:>6} {bare_s:>8.3f} {cold_s:>8.3f} {cold_s / bare_s:>6.2f} "
