@@ -1,0 +1,231 @@
+"""Ablate page callbacks called as plain functions, on the embedded demo model.
+
+The sweep job (a background callback) is called directly with a fake ``set_progress`` that
+records what the progress bar would show.
+"""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import parse_qs
+
+import numpy as np
+import pytest
+from dash import no_update
+from dash._callback_context import context_value
+from dash._utils import AttributeDict
+
+import analysis
+from analysis.ablation import Component, ablate, ablation_sweep
+from components.ablation import CHOSEN_CLASS, FAILURE_CLASS
+from tests.conftest import ATOL
+
+MODEL = analysis.DEMO_MODEL
+PROMPT = "The cat sat on the mat. The cat sat on the mat."
+OUTPUTS = (
+    "data",
+    "options",
+    "strip",
+    "failures",
+    "chosen",
+    "summary",
+    "loss",
+    "delta",
+    "table",
+    "alert",
+    "alert_open",
+    "search",
+    "last",
+)
+
+
+@pytest.fixture
+def page(memlens_app, cache_dir):
+    """The Ablate page module, with a fresh analysis cache for this test."""
+    from pages import ablate as page
+
+    return page
+
+
+def run(page, components=(), *, method="zero", positions="", source="", prompt=PROMPT, chosen=()):
+    values = page.run_ablation(
+        0, 1, False, prompt, MODEL, list(components), positions, method, source, list(chosen)
+    )
+    return dict(zip(OUTPUTS, values, strict=True))
+
+
+def trace(figure, name: str) -> np.ndarray:
+    found = [t for t in figure.data if t.name == name]
+    assert found, f"no trace named {name!r}"
+    return np.asarray(found[0].y, dtype=np.float32)
+
+
+def test_ablating_nothing_changes_nothing(page):
+    out = run(page)
+
+    assert out["alert_open"] is False
+    np.testing.assert_allclose(trace(out["loss"], "after"), trace(out["loss"], "before"), atol=0)
+    np.testing.assert_array_equal(np.asarray(out["delta"].data[0].y), 0)
+    assert out["failures"] == []
+    assert "Ablated nothing" in out["summary"]
+    n_pos = out["data"]["n_pos"]
+    assert len(out["options"]) == out["data"]["n_layers"] * (out["data"]["n_heads"] + 2)
+    assert len(out["strip"].children) == n_pos
+
+
+def test_zero_ablating_a_head_shows_the_direct_ablation_results(page):
+    out = run(page, ["L1H2"])
+    direct = ablate(analysis.analyze(PROMPT, MODEL), Component("head", 1, 2), method="zero")
+
+    assert out["alert_open"] is False
+    np.testing.assert_allclose(trace(out["loss"], "after"), direct.loss_after, atol=ATOL)
+    np.testing.assert_allclose(trace(out["loss"], "before"), direct.loss_before, atol=ATOL)
+    np.testing.assert_allclose(np.asarray(out["delta"].data[0].y), direct.delta_loss, atol=ATOL)
+    assert out["failures"] == [int(p) for p in direct.failure_tokens]
+    assert "L1H2" in out["summary"]
+
+
+def test_failed_tokens_are_marked_in_the_strip(page):
+    out = run(page, ["L0attn", "L1attn", "L0mlp", "L1mlp"])
+    classes = [chip.className for chip in out["strip"].children]
+
+    marked = [i for i, name in enumerate(classes) if FAILURE_CLASS in name.split()]
+    assert marked == out["failures"]
+
+
+def test_components_at_positions_and_every_method_run(page):
+    for method, source in (
+        ("mean", ""),
+        ("resample", "The dog ran to the car. The dog ran to the car."),
+    ):
+        out = run(page, ["L0H1", "L1mlp"], method=method, positions="3, 5-7", source=source)
+        assert out["alert_open"] is False, out["alert"]
+        query = parse_qs(out["search"][1:])
+        assert query["components"] == ["L0H1,L1mlp"]
+        assert query["positions"] == ["3, 5-7"]
+        assert query["method"] == [method]
+
+
+@pytest.mark.parametrize(
+    "components, positions, method, source, message",
+    [
+        (["banana"], "", "zero", "", "is not a component"),
+        (["L1X2"], "", "zero", "", "is not a component"),
+        (["L9H0"], "", "zero", "", "layer 9 is out of range"),
+        (["L0H7"], "", "zero", "", "head 7 is out of range"),
+        (["L0H0"], "2-x", "zero", "", "not a number or a range"),
+        (["L0H0"], "999", "zero", "", "position 999 is out of range"),
+        (["L0H0"], "", "resample", "", "needs a source prompt"),
+        (["L0H0"], "", "resample", "Too short.", "tokens"),
+    ],
+)
+def test_bad_input_gives_an_alert_not_an_exception(
+    page, components, positions, method, source, message
+):
+    out = run(page, components, positions=positions, method=method, source=source)
+
+    assert out["alert_open"] is True
+    assert message in out["alert"]
+    assert out["loss"] is no_update and out["search"] is no_update
+
+
+def test_the_url_reopens_the_same_ablation(page):
+    out = run(page, ["L1H2", "L1attn"], method="mean", positions="4")
+    query = {key: values[0] for key, values in parse_qs(out["search"][1:]).items()}
+    state = page.parse_query(query)
+
+    assert state == {
+        "model": MODEL,
+        "prompt": PROMPT,
+        "components": ["L1H2", "L1attn"],
+        "positions": "4",
+        "method": "mean",
+        "source": "",
+    }
+    assert page.parse_query({"method": "<script>"})["method"] == "zero"
+
+
+def test_user_text_reaches_the_page_only_as_text(page):
+    prompt = "<b>bold</b> & <img src=x onerror=alert(1)>"
+    out = run(page, ["L0H0"], prompt=prompt)
+
+    assert out["alert_open"] is False
+    chips = [chip.children for chip in out["strip"].children]
+    assert all(isinstance(text, str) for text in chips)
+    assert "<b>bold</b>" in "".join(chips).replace("·", " ")
+    labels = list(out["loss"].data[0].x)
+    assert all("<" not in label for label in labels)
+    table = out["table"].children
+    assert all(
+        isinstance(cell.children, str)
+        for row in table.children[1].children
+        for cell in row.children
+    )
+
+
+def test_clicking_tokens_toggles_them_and_restyles_the_strip(page):
+    def click(position, chosen):
+        context_value.set(
+            AttributeDict(
+                triggered_inputs=[
+                    {
+                        "prop_id": json.dumps({"index": position, "type": page.TOKEN_CHIP})
+                        + ".n_clicks"
+                    }
+                ]
+            )
+        )
+        return page.toggle_token([1], chosen)
+
+    chosen = click(5, [])
+    chosen = click(3, chosen)
+    assert chosen == [3, 5]
+    assert click(5, chosen) == [3]
+    assert click(0, chosen) is no_update  # the first token has no loss
+
+    ids = [{"type": page.TOKEN_CHIP, "index": i} for i in range(6)]
+    classes = page.restyle_tokens([3], [4], ids)
+    assert CHOSEN_CLASS in classes[3].split() and FAILURE_CLASS in classes[4].split()
+    assert CHOSEN_CLASS not in classes[4].split()
+
+
+def test_sweep_job_gives_a_layer_by_head_heatmap_with_progress(page):
+    out = run(page)
+    data = out["data"]
+    calls = []
+
+    heads, layers, selected, request, alert, alert_open = page.run_sweep(
+        calls.append, 1, data, "zero", "", "", [8, 9], False
+    )
+
+    assert alert_open is False
+    z = np.asarray(heads.data[0].z)
+    assert z.shape == (data["n_layers"], data["n_heads"])
+    assert np.isfinite(z).all()
+    assert np.asarray(layers.data[0].z).shape == (data["n_layers"], 2)
+    total = data["n_layers"] * (data["n_heads"] + 2)
+    assert calls[0][:2] == (0, total) and calls[-1][:2] == (total, total)
+
+    # The heatmap is the analysis layer's sweep, and the chosen-token view its selection.
+    sweep = ablation_sweep(analysis.analyze(PROMPT, MODEL), method="zero", selected_tokens=[8, 9])
+    np.testing.assert_allclose(z, sweep.head_delta, atol=ATOL)
+    np.testing.assert_allclose(np.asarray(selected.data[0].z), sweep.head_delta_selected, atol=ATOL)
+    shown = page.show_selected([2], False, request)
+    np.testing.assert_allclose(
+        np.asarray(shown.data[0].z), sweep.with_selection([2]).head_delta_selected, atol=ATOL
+    )
+
+
+def test_sweep_job_without_an_analysis_or_with_bad_positions_alerts(page):
+    result = page.run_sweep(lambda _: None, 1, None, "zero", "", "", [], False)
+    assert result[-1] is True and "Analyse a prompt first" in result[-2]
+
+    data = run(page)["data"]
+    result = page.run_sweep(lambda _: None, 1, data, "zero", "", "400", [], False)
+    assert result[-1] is True and "out of range" in result[-2]
+
+
+def test_component_words_round_trip(page):
+    for word in ("L0H3", "L2attn", "L1mlp"):
+        assert page.component_value(page.parse_component(word)) == word
+    assert page.parse_component("l1 MLP") == Component("mlp", 1)
