@@ -52,6 +52,7 @@ from components.prompt_panel import (
     register_example_callback,
 )
 from components.shell import COLOR_MODE_SWITCH, LAST_ANALYSIS_STORE
+from components.url_state import QueryReader
 
 register_page(
     __name__,
@@ -165,21 +166,15 @@ def _as_list(value: object) -> list[str]:
 
 def parse_query(query: dict) -> dict:
     """The page state a link asks for; anything missing falls back to the defaults."""
-
-    def text(name: str) -> str | None:
-        value = query.get(name)
-        if isinstance(value, list):
-            value = value[0] if value else None
-        return value if isinstance(value, str) and value != "" else None
-
-    method = text("method")
+    read = QueryReader(query)
+    method = read.text("method")
     return {
-        "model": text("model") or get_settings().default_model,
-        "prompt": text("prompt") or DEFAULT_PROMPT,
-        "components": _as_list(text("components")),
-        "positions": text("positions") or "",
+        "model": read.text("model") or get_settings().default_model,
+        "prompt": read.text("prompt") or DEFAULT_PROMPT,
+        "components": _as_list(read.text("components")),
+        "positions": read.text("positions") or "",
         "method": method if method in ABLATION_METHODS else "zero",
-        "source": text("source") or "",
+        "source": read.text("source") or "",
     }
 
 

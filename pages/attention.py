@@ -62,6 +62,7 @@ from components.tokens import (
     display_token,
     make_token_strip,
 )
+from components.url_state import QueryReader, as_index
 
 register_page(
     __name__,
@@ -115,10 +116,6 @@ class ViewState:
     from_url: bool = False
 
 
-def _short(text: str) -> str:
-    return repr(text if len(text) <= 40 else text[:39] + "…")
-
-
 def parse_view_query(query: dict, *, default_model: str) -> tuple[ViewState, list[str]]:
     """The view that URL query parameters ask for, and a message for each unusable one.
 
@@ -130,42 +127,18 @@ def parse_view_query(query: dict, *, default_model: str) -> tuple[ViewState, lis
     Returns:
         ``(state, messages)``; unusable values fall back to the defaults.
     """
-    messages: list[str] = []
-
-    def text(name: str) -> str | None:
-        value = query.get(name)
-        if isinstance(value, list):
-            messages.append(f"the link gives '{name}' {len(value)} times; using the first")
-            value = value[0] if value else None
-        return value if isinstance(value, str) and value != "" else None
-
-    def index(name: str, default: int | None) -> int | None:
-        raw = text(name)
-        if raw is None:
-            return default
-        try:
-            number = int(raw)
-        except ValueError:
-            number = -1
-        if number < 0:
-            fallback = "none" if default is None else str(default)
-            messages.append(
-                f"{name} {_short(raw)} in the link is not a whole number ≥ 0; using {fallback}"
-            )
-            return default
-        return number
-
-    prompt = text("prompt")
+    read = QueryReader(query)
+    prompt = read.text("prompt")
     state = ViewState(
-        model=text("model") or default_model,
+        model=read.text("model") or default_model,
         prompt=prompt or DEFAULT_PROMPT,
-        layer=index("layer", 0),
-        head=index("head", 0),
-        token=index("token", None),
-        truncate=text("truncate") in ("1", "true"),
+        layer=read.index("layer", 0),
+        head=read.index("head", 0),
+        token=read.index("token", None),
+        truncate=read.text("truncate") in ("1", "true"),
         from_url=prompt is not None,
     )
-    return state, messages
+    return state, read.messages
 
 
 def view_search(data: dict | None, layer: object, head: object, token: object) -> str:
@@ -173,23 +146,12 @@ def view_search(data: dict | None, layer: object, head: object, token: object) -
     if not data:
         return ""
     params = {"model": data["model"], "prompt": data["prompt"]}
-    params |= {"layer": _as_index(layer) or 0, "head": _as_index(head) or 0}
-    if _as_index(token) is not None:
-        params["token"] = _as_index(token)
+    params |= {"layer": as_index(layer) or 0, "head": as_index(head) or 0}
+    if as_index(token) is not None:
+        params["token"] = as_index(token)
     if data.get("truncate"):
         params["truncate"] = 1
     return "?" + urlencode(params)
-
-
-def _as_index(value: object) -> int | None:
-    """A select or store value as a non-negative int, None when it is not one."""
-    if isinstance(value, bool):
-        return None
-    try:
-        number = int(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return number if number >= 0 else None
 
 
 def _clamp(value: int | None, count: int, name: str, messages: list[str]) -> int:
@@ -433,9 +395,9 @@ def analyse(n_clicks, prompt, model, truncate, layer, head, request, last):
         nothing = [no_update] * 7
         return (*nothing, *alert_update(" ".join(messages)), prompt, model, truncate)
 
-    layer = _clamp(_as_index(layer), pa.n_layers, "layer", messages)
-    head = _clamp(_as_index(head), pa.n_heads, "head", messages)
-    token = _as_index(request.get("token")) if first_load else None
+    layer = _clamp(as_index(layer), pa.n_layers, "layer", messages)
+    head = _clamp(as_index(head), pa.n_heads, "head", messages)
+    token = as_index(request.get("token")) if first_load else None
     if token is not None and token >= pa.n_pos:
         messages.append(f"token {token} does not exist (the prompt has {pa.n_pos} tokens)")
         token = None
@@ -485,7 +447,7 @@ def remember_analysis(data):
 
 def _selection(data: dict | None, layer: object, head: object) -> tuple[int, int] | None:
     """``(layer, head)`` when both are valid for the analysis in ``data``."""
-    layer, head = _as_index(layer), _as_index(head)
+    layer, head = as_index(layer), as_index(head)
     if not data or layer is None or head is None:
         return None
     if layer >= data["n_layers"] or head >= data["n_heads"]:
@@ -608,7 +570,7 @@ def flow_caption(str_tokens: list[str], token: int) -> str:
 )
 def show_token_flow(data, token, dark, layer, head):
     """For the clicked token: attention received from later tokens and sent to earlier ones."""
-    token = _as_index(token)
+    token = as_index(token)
     if not data or token is None or token >= data["n_pos"]:
         message = "Click a token above, or a row of the head's heatmap."
         return make_empty_figure(message, dark=dark, height=200), ""
@@ -659,7 +621,7 @@ def frame_selection(layer, head, data, token, dark):
         patch = Patch()
         patch["layout"]["shapes"] = figure_shapes
         patches.append(patch)
-    if _as_index(token) is None:
+    if as_index(token) is None:
         patches[3] = no_update  # the flow figure is a placeholder until a token is chosen
     return patches
 
@@ -675,7 +637,7 @@ def selection_from_click(
             head = int(click_data["points"][0]["curveNumber"])
         except (KeyError, IndexError, TypeError, ValueError):
             return None
-        current = _as_index(layer)
+        current = as_index(layer)
         return None if current is None else (current, head)
     if source == OVERVIEW:
         return parse_overview_click(click_data)

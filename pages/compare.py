@@ -54,6 +54,7 @@ from components.heatmaps import MAX_HEAD_SIDE, make_attention_heatmap, make_empt
 from components.prompt_panel import model_options
 from components.shell import COLOR_MODE_SWITCH
 from components.tokens import SELECTED_TOKEN_CLASS, TOKEN_CLASS, make_token_strip
+from components.url_state import QueryReader
 from pages.compare_jobs import (
     COMPARED,
     HEAD,
@@ -129,10 +130,6 @@ class CompareState:
     tab: str = "pair"
 
 
-def _short(text: str) -> str:
-    return repr(text if len(text) <= 40 else text[:39] + "…")
-
-
 def parse_compare_query(query: dict, *, default_model: str) -> tuple[CompareState, list[str]]:
     """The view that URL query parameters ask for, and a message for each unusable one.
 
@@ -144,43 +141,17 @@ def parse_compare_query(query: dict, *, default_model: str) -> tuple[CompareStat
     Returns:
         ``(state, messages)``; unusable values fall back to the defaults.
     """
-    messages: list[str] = []
-
-    def text(name: str) -> str | None:
-        value = query.get(name)
-        if isinstance(value, list):
-            messages.append(f"the link gives '{name}' {len(value)} times; using the first")
-            value = value[0] if value else None
-        return value if isinstance(value, str) and value != "" else None
-
-    def index(name: str) -> int:
-        raw = text(name)
-        if raw is None:
-            return 0
-        if raw.isascii() and raw.isdigit():
-            return int(raw)
-        messages.append(f"{name} {_short(raw)} in the link is not a whole number ≥ 0; using 0")
-        return 0
-
-    def choice(name: str, allowed: tuple[str, ...], default: str) -> str:
-        raw = text(name)
-        if raw is None or raw in allowed:
-            return raw or default
-        messages.append(
-            f"{name} {_short(raw)} in the link is not one of {', '.join(allowed)}; using {default}"
-        )
-        return default
-
+    read = QueryReader(query)
     state = CompareState(
-        model=text("model") or default_model,
-        prompt_a=text("prompt_a") or DEFAULT_PROMPT_A,
-        prompt_b=text("prompt_b") or DEFAULT_PROMPT_B,
-        layer=index("layer"),
-        head=index("head"),
-        align=choice("align", ALIGN_MODES, "end"),
-        tab=choice("tab", TABS_SHOWN, "pair"),
+        model=read.text("model") or default_model,
+        prompt_a=read.text("prompt_a") or DEFAULT_PROMPT_A,
+        prompt_b=read.text("prompt_b") or DEFAULT_PROMPT_B,
+        layer=read.index("layer", 0, digits_only=True),
+        head=read.index("head", 0, digits_only=True),
+        align=read.choice("align", ALIGN_MODES, "end"),
+        tab=read.choice("tab", TABS_SHOWN, "pair"),
     )
-    return state, messages
+    return state, read.messages
 
 
 def compare_search(data: dict | None, layer: object, head: object, tab: object) -> str:

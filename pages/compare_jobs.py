@@ -37,6 +37,7 @@ from components.compare import (
 )
 from components.heatmaps import make_empty_figure
 from components.shell import COLOR_MODE_SWITCH
+from components.url_state import as_index
 
 logger = logging.getLogger(__name__)
 
@@ -89,17 +90,6 @@ MEASURE_TITLES = {
 }
 DEFAULT_MEASURES = ["mean_loss", "repeated_token_loss", "best_induction_attention"]
 SET_PLACEHOLDER = "Paste prompts here, one per line"
-
-
-def as_index(value: object) -> int | None:
-    """A select value as a non-negative int, None when it is not one."""
-    if isinstance(value, bool):
-        return None
-    try:
-        number = int(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return number if number >= 0 else None
 
 
 def _run_buttons(run_id: str, run_text: str, cancel_id: str, progress_id: str) -> html.Div:

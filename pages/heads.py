@@ -40,6 +40,7 @@ from components.heatmaps import make_empty_figure, parse_panel_click
 from components.prompt_panel import DEFAULT_PROMPT, model_options
 from components.retention import head_table_rows, make_head_score_heatmap, make_head_table
 from components.shell import COLOR_MODE_SWITCH, LAST_ANALYSIS_STORE
+from components.url_state import QueryReader
 
 register_page(
     __name__,
@@ -128,27 +129,18 @@ def parse_view_query(query: dict, *, default_model: str) -> tuple[ViewState, lis
     Returns:
         ``(state, messages)``; unusable values fall back to the defaults.
     """
-    messages: list[str] = []
-
-    def choice(name: str, allowed, default: str) -> str:
-        value = query.get(name)
-        if isinstance(value, list):
-            messages.append(f"the link gives '{name}' {len(value)} times; using the first")
-            value = value[0] if value else None
-        if not isinstance(value, str) or value == "":
-            return default
-        if allowed is not None and value not in allowed:
-            shown = value if len(value) <= 40 else value[:39] + "…"
-            messages.append(f"{name} {shown!r} in the link is unknown; showing {default}")
-            return default
-        return value
-
+    read = QueryReader(query)
     state = ViewState(
-        model=choice("model", None, default_model),
-        score=choice("score", SCORES, DEFAULT_SCORE),
-        source=choice("source", SOURCES, DEFAULT_SOURCE),
+        model=read.text("model") or default_model,
+        score=read.choice("score", SCORES, DEFAULT_SCORE, problem=_unknown(DEFAULT_SCORE)),
+        source=read.choice("source", SOURCES, DEFAULT_SOURCE, problem=_unknown(DEFAULT_SOURCE)),
     )
-    return state, messages
+    return state, read.messages
+
+
+def _unknown(default: str) -> str:
+    """What a link's message says about a score or source the page does not know."""
+    return f"is unknown; showing {default}"
 
 
 def attention_link(model: str, layer: int, head: int, prompt: str | None = None) -> str:

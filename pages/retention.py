@@ -59,6 +59,7 @@ from components.retention import (
 )
 from components.shell import COLOR_MODE_SWITCH, LAST_ANALYSIS_STORE
 from components.tokens import SELECTED_TOKEN_CLASS, TOKEN_CLASS, display_token, make_token_strip
+from components.url_state import QueryReader, as_index, short
 
 register_page(
     __name__,
@@ -183,21 +184,6 @@ class ViewState:
     from_url: bool = False
 
 
-def _short(text: str) -> str:
-    return repr(text if len(text) <= 40 else text[:39] + "…")
-
-
-def _as_index(value: object) -> int | None:
-    """A select, store or URL value as a non-negative int, None when it is not one."""
-    if isinstance(value, bool):
-        return None
-    try:
-        number = int(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return number if number >= 0 else None
-
-
 def parse_view_query(query: dict, *, default_model: str) -> tuple[ViewState, list[str]]:
     """The view URL query parameters ask for, and a message for each unusable one.
 
@@ -209,49 +195,34 @@ def parse_view_query(query: dict, *, default_model: str) -> tuple[ViewState, lis
     Returns:
         ``(state, messages)``; unusable values fall back to the defaults.
     """
-    messages: list[str] = []
-
-    def text(name: str) -> str | None:
-        value = query.get(name)
-        if isinstance(value, list):
-            messages.append(f"the link gives '{name}' {len(value)} times; using the first")
-            value = value[0] if value else None
-        return value if isinstance(value, str) and value != "" else None
-
-    def index(name: str) -> int | None:
-        raw = text(name)
-        if raw is None:
-            return None
-        number = _as_index(raw)
-        if number is None:
-            messages.append(f"{name} {_short(raw)} in the link is not a whole number ≥ 0; ignored")
-        return number
+    read = QueryReader(query)
+    messages = read.messages
 
     tokens: list[int] = []
-    raw_tokens = text("tokens")
+    raw_tokens = read.text("tokens")
     if raw_tokens is not None:
-        parts = [_as_index(part) for part in raw_tokens.split(",")]
+        parts = [as_index(part) for part in raw_tokens.split(",")]
         tokens = list(dict.fromkeys(p for p in parts if p is not None))[:MAX_CURVES]
         if None in parts:
             messages.append(
-                f"tokens {_short(raw_tokens)} in the link has entries that are not "
+                f"tokens {short(raw_tokens)} in the link has entries that are not "
                 "positions; they were left out"
             )
-    metric = text("metric") or DEFAULT_METRIC
+    metric = read.text("metric") or DEFAULT_METRIC
     if metric not in METRICS:
-        messages.append(f"metric {_short(metric)} is unknown; showing {DEFAULT_METRIC}")
+        messages.append(f"metric {short(metric)} is unknown; showing {DEFAULT_METRIC}")
         metric = DEFAULT_METRIC
-    target = text("target") or TARGET_PREDICTED
+    target = read.text("target") or TARGET_PREDICTED
     if target not in (TARGET_PREDICTED, TARGET_ACTUAL) and _target_token(target) is None:
-        messages.append(f"target {_short(target)} is not 'predicted', 'actual' or 'token:<id>'")
+        messages.append(f"target {short(target)} is not 'predicted', 'actual' or 'token:<id>'")
         target = TARGET_PREDICTED
-    prompt = text("prompt")
+    prompt = read.text("prompt")
     state = ViewState(
-        model=text("model") or default_model,
+        model=read.text("model") or default_model,
         prompt=prompt or DEFAULT_PROMPT,
-        pos=index("pos"),
-        source=index("source"),
-        stage=index("stage"),
+        pos=read.index("pos", fallback="ignored"),
+        source=read.index("source", fallback="ignored"),
+        stage=read.index("stage", fallback="ignored"),
         tokens=tokens,
         metric=metric,
         target=target,
@@ -266,9 +237,9 @@ def view_search(data, pos, source, stage, tokens, metric, target) -> str:
         return ""
     params = {"model": data["model"], "prompt": data["prompt"], "metric": metric or DEFAULT_METRIC}
     for name, value in (("pos", pos), ("source", source), ("stage", stage)):
-        if _as_index(value) is not None:
-            params[name] = _as_index(value)
-    chosen = [str(p) for p in (_as_index(t) for t in tokens or []) if p is not None]
+        if as_index(value) is not None:
+            params[name] = as_index(value)
+    chosen = [str(p) for p in (as_index(t) for t in tokens or []) if p is not None]
     if chosen:
         params["tokens"] = ",".join(chosen)
     if target:
@@ -279,7 +250,7 @@ def view_search(data, pos, source, stage, tokens, metric, target) -> str:
 def _target_token(target: object) -> int | None:
     """The token id of a ``token:<id>`` target, None for anything else."""
     if isinstance(target, str) and target.startswith("token:"):
-        return _as_index(target.removeprefix("token:"))
+        return as_index(target.removeprefix("token:"))
     return None
 
 
@@ -303,7 +274,7 @@ def open_analysis(data: dict) -> analysis.PromptAnalysis:
 
 def _position(data: dict | None, value: object) -> int | None:
     """``value`` as a position of the analysed prompt, None when it is not one."""
-    pos = _as_index(value)
+    pos = as_index(value)
     if not data or pos is None or pos >= data["n_pos"]:
         return None
     return pos
@@ -578,12 +549,10 @@ def analyse(n_clicks, prompt, model, request, last):
 
     # Indices from the link, checked against this prompt; defaults otherwise.
     n_pos, n_layers = pa.n_pos, pa.n_layers
-    pos = _checked(_as_index(request.get("pos")), n_pos, "position", n_pos - 1, messages)
-    source = _checked(
-        _as_index(request.get("source")), n_pos, "source", min(1, n_pos - 1), messages
-    )
-    stage = _checked(_as_index(request.get("stage")), n_layers + 1, "stage", n_layers, messages)
-    asked = [p for p in (_as_index(t) for t in request.get("tokens") or []) if p is not None]
+    pos = _checked(as_index(request.get("pos")), n_pos, "position", n_pos - 1, messages)
+    source = _checked(as_index(request.get("source")), n_pos, "source", min(1, n_pos - 1), messages)
+    stage = _checked(as_index(request.get("stage")), n_layers + 1, "stage", n_layers, messages)
+    asked = [p for p in (as_index(t) for t in request.get("tokens") or []) if p is not None]
     tokens = [p for p in asked if p < n_pos] or default_curve_tokens(n_pos)
     if len(tokens) < len(asked):
         messages.append(f"some curve tokens do not exist (the prompt has {n_pos} tokens)")
@@ -769,7 +738,7 @@ def show_reach(data, source, stage, dark):
     """How much of the source token reaches every later position at the chosen stage."""
 
     def build():
-        position, after = _position(data, source), _as_index(stage)
+        position, after = _position(data, source), as_index(stage)
         if position is None or after is None:
             return _empty(NO_ANALYSIS, dark), ""
         pa = open_analysis(data)
