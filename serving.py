@@ -147,6 +147,8 @@ def serve(settings: Settings | None = None) -> None:
             self.cfg.set("worker_class", "gthread")
             self.cfg.set("timeout", 120)
             self.cfg.set("accesslog", None)
+            # Links carry the prompt, so a long prompt makes a long request line.
+            self.cfg.set("limit_request_line", 0)
 
         def load(self):
             from app import server
