@@ -291,3 +291,15 @@ def available_models() -> list[str]:
         if root.is_dir():
             names += sorted(str(p) for p in root.iterdir() if (p / "config.json").is_file())
     return names
+
+
+def usable_model(model: str, default: str, messages: list[str]) -> str:
+    """``model`` when it resolves, else ``default`` with a message appended (for links)."""
+    if model == default:
+        return model
+    try:
+        resolve_model(model)
+    except ValueError as exc:
+        messages.append(f"{exc}. Showing {default} instead.")
+        return default
+    return model

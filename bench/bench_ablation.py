@@ -272,7 +272,10 @@ def main() -> None:
         per_head = run_worker("per-head", model_dir, n_tokens, args)
         note = "all 144 heads"
         if timing["extrapolated"]:
-            note = f"extrapolated from {timing['heads_timed']}/144 heads"
+            note = (
+                f"extrapolated from the first {timing['heads_timed']}/144 heads (batched: an "
+                "over-estimate, passes for later layers skip more blocks)"
+            )
         speedup = timing["per_head_s"] / timing["batched_s"]
         batching_only = timing["per_head_s"] / timing["whole_model_s"]
         maxrss = f"{batched['maxrss_mb']:.0f}/{per_head['maxrss_mb']:.0f}"

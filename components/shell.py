@@ -106,3 +106,14 @@ clientside_callback(
     Output(COLOR_MODE_SWITCH, "id"),
     Input(COLOR_MODE_SWITCH, "value"),
 )
+
+
+def make_card(title: str, body, *, extra=None, class_name: str = "") -> dbc.Card:
+    """A titled card; ``extra`` (pickers, hints) sits at the right of the header."""
+    header = html.Div(
+        [html.Span(title, className="fw-semibold"), extra],
+        className="d-flex flex-wrap align-items-center justify-content-between gap-2",
+    )
+    return dbc.Card(
+        [dbc.CardHeader(header), dbc.CardBody(body)], class_name=f"mb-3 {class_name}".strip()
+    )

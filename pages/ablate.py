@@ -51,7 +51,7 @@ from components.prompt_panel import (
     make_prompt_panel,
     register_example_callback,
 )
-from components.shell import COLOR_MODE_SWITCH, LAST_ANALYSIS_STORE
+from components.shell import COLOR_MODE_SWITCH, LAST_ANALYSIS_STORE, make_card
 from components.url_state import QueryReader
 
 register_page(
@@ -193,16 +193,6 @@ def page_search(model, prompt, components, positions, method, source) -> str:
 # --- Layout ------------------------------------------------------------------------------------
 
 
-def _card(title: str, body, *, extra=None, class_name: str = "") -> dbc.Card:
-    header = html.Div(
-        [html.Span(title, className="fw-semibold"), extra],
-        className="d-flex flex-wrap align-items-center justify-content-between gap-2",
-    )
-    return dbc.Card(
-        [dbc.CardHeader(header), dbc.CardBody(body)], class_name=f"mb-3 {class_name}".strip()
-    )
-
-
 def _graph(graph_id: str, message: str, height: int = 300) -> dcc.Loading:
     figure = make_empty_figure(message, height=height)
     return dcc.Loading(
@@ -272,7 +262,7 @@ def layout(**query) -> html.Div:
         ],
         className="d-flex gap-2 align-items-center mb-3",
     )
-    sweep = _card(
+    sweep = make_card(
         "Ablation sweep: one component at a time",
         [
             make_error_alert(SWEEP_ALERT),
@@ -301,10 +291,10 @@ def layout(**query) -> html.Div:
             dbc.Row(
                 [
                     dbc.Col(panel, lg=5, class_name="mb-3"),
-                    dbc.Col(_card("Ablate", _controls(state), class_name="h-100"), lg=7),
+                    dbc.Col(make_card("Ablate", _controls(state), class_name="h-100"), lg=7),
                 ]
             ),
-            _card(
+            make_card(
                 "Tokens",
                 [
                     dcc.Loading(html.Div(id=STRIP), delay_show=400),
@@ -318,7 +308,7 @@ def layout(**query) -> html.Div:
             dbc.Row(
                 [
                     dbc.Col(
-                        _card(
+                        make_card(
                             "Loss before and after",
                             [
                                 _graph(LOSS, "Ablate to compare."),
@@ -328,7 +318,7 @@ def layout(**query) -> html.Div:
                         xl=7,
                     ),
                     dbc.Col(
-                        _card(
+                        make_card(
                             "Top prediction",
                             html.Div(id=TABLE),
                             extra=_hint("Probabilities in brackets"),

@@ -33,6 +33,7 @@ from dash import (
 
 import analysis
 from analysis.attention_stats import STAT_TITLES, head_stats, token_flow
+from analysis.models import usable_model
 from analysis.settings import get_settings
 from components.alerts import alert_update, make_error_alert
 from components.heatmaps import (
@@ -55,7 +56,7 @@ from components.prompt_panel import (
     make_prompt_panel,
     register_example_callback,
 )
-from components.shell import COLOR_MODE_SWITCH, LAST_ANALYSIS_STORE
+from components.shell import COLOR_MODE_SWITCH, LAST_ANALYSIS_STORE, make_card
 from components.tokens import (
     SELECTED_TOKEN_CLASS,
     TOKEN_CLASS,
@@ -232,16 +233,6 @@ def prompt_summary(pa: analysis.PromptAnalysis) -> PromptSummary:
 # --- Layout ----------------------------------------------------------------------------------
 
 
-def _card(title: str, body, *, extra=None, class_name: str = "") -> dbc.Card:
-    header = html.Div(
-        [html.Span(title, className="fw-semibold"), extra],
-        className="d-flex flex-wrap align-items-center justify-content-between gap-2",
-    )
-    return dbc.Card(
-        [dbc.CardHeader(header), dbc.CardBody(body)], class_name=f"mb-3 {class_name}".strip()
-    )
-
-
 def _graph(graph_id: str, figure, *, modebar: bool = False) -> dcc.Loading:
     config = {"displaylogo": False, "displayModeBar": "hover" if modebar else False}
     return dcc.Loading(
@@ -281,26 +272,26 @@ def layout(**query) -> html.Div:
         prompt=state.prompt,
         truncate=state.truncate,
     )
-    tokens = _card(
+    tokens = make_card(
         "Tokens",
         dcc.Loading(html.Div(id=STRIP), delay_show=SPINNER_DELAY_MS),
         extra=_hint("Click a token to follow its attention. · is a space, ↵ a newline."),
         class_name="h-100",
     )
-    head = _card(
+    head = make_card(
         "Head",
         [html.Div(id=HEAD_CAPTION, className="small"), _graph(HEAD_FIGURE, empty, modebar=True)],
         extra=pickers,
     )
-    grid = _card("All heads of this layer", _graph(GRID, empty), extra=_hint("Click a head"))
-    flow = _card(
+    grid = make_card("All heads of this layer", _graph(GRID, empty), extra=_hint("Click a head"))
+    flow = make_card(
         "Selected token",
         [html.Div(id=FLOW_CAPTION, className="small"), _graph(FLOW, empty)],
     )
-    overview = _card(
+    overview = make_card(
         "Whole model", _graph(OVERVIEW, empty), extra=_hint("Layers down, heads across")
     )
-    summary = _card(
+    summary = make_card(
         "Head summary for this prompt",
         _graph(SUMMARY, empty),
         extra=_hint("Averages over queries after the first"),
@@ -335,18 +326,6 @@ register_example_callback(PANEL)
 
 def _options(count: int, prefix: str) -> list[dict]:
     return [{"label": f"{prefix}{index}", "value": str(index)} for index in range(count)]
-
-
-def _usable_model(model: str, default: str, messages: list[str]) -> str:
-    """``model`` when it resolves, else the default and a message (for links, not for clicks)."""
-    if model == default:
-        return model
-    try:
-        analysis.resolve_model(model)
-    except ValueError as exc:
-        messages.append(f"{exc}. Showing {default} instead.")
-        return default
-    return model
 
 
 @callback(
@@ -384,7 +363,7 @@ def analyse(n_clicks, prompt, model, truncate, layer, head, request, last):
         prompt, model = last.get("prompt", prompt), last.get("model", model)
         truncate = last.get("truncate", truncate)
     if first_load:
-        model = _usable_model(model, get_settings().default_model, messages)
+        model = usable_model(model, get_settings().default_model, messages)
     truncate = bool(truncate)
 
     try:

@@ -38,6 +38,7 @@ from analysis.compare import (
     embedding_cosine_difference,
     residual_norm_difference,
 )
+from analysis.models import usable_model
 from analysis.retention import embedding_cosine, resid_norms
 from analysis.settings import get_settings
 from components.alerts import alert_update, make_error_alert
@@ -52,7 +53,7 @@ from components.compare import (
 )
 from components.heatmaps import MAX_HEAD_SIDE, make_attention_heatmap, make_empty_figure
 from components.prompt_panel import model_options
-from components.shell import COLOR_MODE_SWITCH
+from components.shell import COLOR_MODE_SWITCH, make_card
 from components.tokens import SELECTED_TOKEN_CLASS, TOKEN_CLASS, make_token_strip
 from components.url_state import QueryReader
 from pages.compare_jobs import (
@@ -169,14 +170,6 @@ def compare_search(data: dict | None, layer: object, head: object, tab: object) 
 # --- Layout ----------------------------------------------------------------------------------
 
 
-def _card(title: str, body, *, extra=None) -> dbc.Card:
-    header = html.Div(
-        [html.Span(title, className="fw-semibold"), extra],
-        className="d-flex flex-wrap align-items-center justify-content-between gap-2",
-    )
-    return dbc.Card([dbc.CardHeader(header), dbc.CardBody(body)], class_name="mb-3")
-
-
 def _graph(graph_id: str) -> dcc.Loading:
     config = {"displaylogo": False, "displayModeBar": "hover"}
     empty = make_empty_figure("Compare two prompts to see this view.", height=FIGURE_HEIGHT)
@@ -280,7 +273,7 @@ def layout(**query) -> html.Div:
     pair_tab = html.Div(
         [
             html.Div(id=CAPTION, className="fw-semibold mb-2"),
-            _card(
+            make_card(
                 "Tokens",
                 tokens,
                 extra=html.Small(
@@ -288,8 +281,8 @@ def layout(**query) -> html.Div:
                     className="text-body-secondary",
                 ),
             ),
-            _card("Attention of the chosen head", _three((ATTN_A, ATTN_B, ATTN_DIFF))),
-            _card("Retention", _three((RET_A, RET_B, RET_DIFF)), extra=retention_picker),
+            make_card("Attention of the chosen head", _three((ATTN_A, ATTN_B, ATTN_DIFF))),
+            make_card("Retention", _three((RET_A, RET_B, RET_DIFF)), extra=retention_picker),
         ],
         className="pt-3",
     )
@@ -350,18 +343,6 @@ def _trigger() -> object:
         return None
 
 
-def _usable_model(model: str, default: str, messages: list[str]) -> str:
-    """``model`` when it resolves, else the default and a message (for links, not for clicks)."""
-    if model == default:
-        return model
-    try:
-        analysis.resolve_model(model)
-    except ValueError as exc:
-        messages.append(f"{exc}. Showing {default} instead.")
-        return default
-    return model
-
-
 @callback(
     Output(COMPARED, "data"),
     Output(LAYER, "options"),
@@ -391,7 +372,7 @@ def compare(n_clicks, align, prompt_a, prompt_b, model, layer, head, request):
     first_load = not n_clicks and _trigger() != ALIGN
     messages = list((request or {}).get("messages", [])) if first_load else []
     if first_load:
-        model = _usable_model(model, get_settings().default_model, messages)
+        model = usable_model(model, get_settings().default_model, messages)
     if align not in ALIGN_MODES:
         align = "end"
 

@@ -33,6 +33,7 @@ from dash import (
 import analysis
 from analysis import retention
 from analysis.horizon import memory_horizon
+from analysis.models import usable_model
 from analysis.settings import get_settings
 from components.alerts import alert_update, make_error_alert
 from components.heatmaps import make_empty_figure
@@ -57,7 +58,7 @@ from components.retention import (
     rank_ticks,
     stage_labels,
 )
-from components.shell import COLOR_MODE_SWITCH, LAST_ANALYSIS_STORE
+from components.shell import COLOR_MODE_SWITCH, LAST_ANALYSIS_STORE, make_card
 from components.tokens import SELECTED_TOKEN_CLASS, TOKEN_CLASS, display_token, make_token_strip
 from components.url_state import QueryReader, as_index, short
 
@@ -295,16 +296,6 @@ def _token_options(str_tokens: list[str]) -> list[dict]:
 # --- Layout ----------------------------------------------------------------------------------
 
 
-def _card(title: str, body, *, extra=None, class_name: str = "") -> dbc.Card:
-    header = html.Div(
-        [html.Span(title, className="fw-semibold"), extra],
-        className="d-flex flex-wrap align-items-center justify-content-between gap-2",
-    )
-    return dbc.Card(
-        [dbc.CardHeader(header), dbc.CardBody(body)], class_name=f"mb-3 {class_name}".strip()
-    )
-
-
 def _graph(graph_id: str, message: str = "Analyse a prompt to see this view.") -> dcc.Loading:
     config = {"displaylogo": False, "displayModeBar": "hover"}
     return dcc.Loading(
@@ -335,7 +326,7 @@ def layout(**query) -> html.Div:
     prompt_panel = make_prompt_panel(
         PANEL, models=analysis.available_models(), model=state.model, prompt=state.prompt
     )
-    tokens = _card(
+    tokens = make_card(
         "Tokens",
         dcc.Loading(html.Div(id=STRIP), delay_show=SPINNER_DELAY_MS),
         extra=html.Small(
@@ -344,7 +335,7 @@ def layout(**query) -> html.Div:
         ),
         class_name="h-100",
     )
-    reach = _card(
+    reach = make_card(
         "Memory reach · attention rollout",
         [
             html.P(
@@ -370,13 +361,13 @@ def layout(**query) -> html.Div:
         class_name="border-primary",
     )
     metric_options = [{"label": label, "value": name} for name, (label, _) in METRICS.items()]
-    resid = _card(
+    resid = make_card(
         "Residual stream",
         [_caption(RESID_CAPTION), _graph(RESID)],
         extra=_picker(METRIC, "Metric", state.metric, metric_options, width="16rem"),
     )
-    lens = _card("Logit lens", [_caption(LENS_CAPTION), _graph(LENS), _graph(KL)])
-    curves = _card(
+    lens = make_card("Logit lens", [_caption(LENS_CAPTION), _graph(LENS), _graph(KL)])
+    curves = make_card(
         "Retention curves",
         [
             dcc.Dropdown(
@@ -397,7 +388,7 @@ def layout(**query) -> html.Div:
             _graph(CURVES),
         ],
     )
-    dla = _card(
+    dla = make_card(
         "Direct logit attribution",
         [_caption(DLA_CAPTION), _graph(DLA)],
         extra=_picker(
@@ -408,7 +399,7 @@ def layout(**query) -> html.Div:
             width="14rem",
         ),
     )
-    horizon = _card(
+    horizon = make_card(
         "Memory horizon",
         [
             html.Div(
@@ -483,18 +474,6 @@ def layout(**query) -> html.Div:
 register_example_callback(PANEL)
 
 
-def _usable_model(model: str, default: str, messages: list[str]) -> str:
-    """``model`` when it resolves, else the default and a message (for links, not for clicks)."""
-    if model == default:
-        return model
-    try:
-        analysis.resolve_model(model)
-    except ValueError as exc:
-        messages.append(f"{exc}. Showing {default} instead.")
-        return default
-    return model
-
-
 def _checked(value: int | None, count: int, name: str, default: int, messages: list[str]) -> int:
     """``value`` when it is below ``count``, else ``default`` (with a message if one was asked)."""
     if value is None:
@@ -538,7 +517,7 @@ def analyse(n_clicks, prompt, model, request, last):
     if first_load and not request.get("from_url") and isinstance(last, dict):
         prompt, model = last.get("prompt", prompt), last.get("model", model)
     if first_load:
-        model = _usable_model(model, get_settings().default_model, messages)
+        model = usable_model(model, get_settings().default_model, messages)
 
     try:
         pa = analysis.analyze(prompt, model)
