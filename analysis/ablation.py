@@ -659,19 +659,24 @@ def _ablated_run(
     return logits, captured
 
 
-def _token_stats(logits, tokens):
-    """Per-token loss ``[batch, pos - 1]``, top-1 ids ``[batch, pos]`` and their probabilities,
-    as numpy; the loss is ``logsumexp(logits) - logit[target]``, which never materialises a
-    second ``[batch, pos, d_vocab]`` tensor."""
+def _token_loss(logits, tokens):
+    """Per-token loss ``[batch, pos - 1]`` and the logsumexp ``[batch, pos]``: the loss is
+    ``logsumexp(logits) - logit[target]``, which never materialises a second ``[batch, pos,
+    d_vocab]`` tensor as ``log_softmax`` would."""
     import torch
 
     logits = logits.float()
-    batch = logits.shape[0]
-    targets = tokens.to(logits.device)[:, 1:].expand(batch, -1)
+    targets = tokens.to(logits.device)[:, 1:].expand(logits.shape[0], -1)
     lse = torch.logsumexp(logits, dim=-1)
     target_logit = logits[:, :-1].gather(-1, targets[..., None])[..., 0]
-    loss = lse[:, :-1] - target_logit
-    top_logit, top_ids = logits.max(dim=-1)
+    return lse[:, :-1] - target_logit, lse
+
+
+def _token_stats(logits, tokens):
+    """Per-token loss ``[batch, pos - 1]``, top-1 ids ``[batch, pos]`` and their probabilities,
+    as numpy."""
+    loss, lse = _token_loss(logits, tokens)
+    top_logit, top_ids = logits.float().max(dim=-1)
     top_prob = (top_logit - lse).exp()
     return (
         loss.cpu().numpy().astype(np.float32),
@@ -1120,7 +1125,7 @@ def _compute_sweep(
     except AblationCancelled:
         raise cancelled(0) from None
     midway = _can_start_midway(loaded, clean_logits, clean[_resid_name(n_layers - 1)])
-    loss_before = _token_stats(clean_logits, tokens)[0][0]
+    loss_before = _token_loss(clean_logits, tokens)[0][0].cpu().numpy().astype(np.float32)
     arrays["loss_before"] = loss_before
 
     # Passes never mix layers, so each starts at its own layer when the model allows it.
@@ -1139,7 +1144,8 @@ def _compute_sweep(
             raise cancelled(done)
         start = (layer, clean[_resid_name(layer)]) if midway else None
         logits, _ = _ablated_run(loaded, tokens, [(c,) for c in chunk], tables, start=start)
-        loss_after = _token_stats(logits, tokens)[0]
+        # The sweep needs only the loss: no top-1 pass over the [rows, pos, d_vocab] logits.
+        loss_after = _token_loss(logits, tokens)[0].cpu().numpy().astype(np.float32)
         del logits
         for component, row_loss in zip(chunk, loss_after, strict=True):
             delta = row_loss - loss_before

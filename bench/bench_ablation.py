@@ -123,7 +123,7 @@ def whole_model_pass(loaded, tokens, heads) -> None:
     model's blocks cannot be started midway (isolates the gain of batching alone)."""
     rows = [(Component("head", layer, head),) for layer, head in heads]
     logits, _ = ablation._ablated_run(loaded, tokens, rows, {}, start=None)
-    ablation._token_stats(logits, tokens)
+    ablation._token_loss(logits, tokens)
 
 
 def measure_time(pa, loaded, budget_s: float, batch_size: int | None) -> dict:
