@@ -32,7 +32,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -43,7 +42,13 @@ import numpy as np
 
 from analysis.models import LoadedModel, load_model
 from analysis.prompt import PromptAnalysis, tokenize, validate_prompt
-from analysis.store import ArrayStore, CorruptEntryError, dequantize_attention, quantize_attention
+from analysis.store import (
+    ArrayStore,
+    CorruptEntryError,
+    dequantize_attention,
+    key_lock,
+    quantize_attention,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +77,6 @@ _HOOK_NAMES = {
 }
 
 _midway_ok: dict[tuple[str, str, str], bool] = {}
-_key_locks: dict[str, threading.Lock] = {}
-_key_locks_guard = threading.Lock()
 
 
 class AblationCancelled(Exception):
@@ -714,11 +717,6 @@ def _cache_key(what: str, analysis: PromptAnalysis, payload: dict) -> str:
     return f"{what}-{digest}"
 
 
-def _lock_for(key: str) -> threading.Lock:
-    with _key_locks_guard:
-        return _key_locks.setdefault(key, threading.Lock())
-
-
 def _read_cached(store: ArrayStore, key: str, names: Sequence[str]) -> tuple[dict, dict] | None:
     """The metadata and arrays under ``key``, or None when absent, partial or corrupt."""
     try:
@@ -807,7 +805,7 @@ def ablate(
     key = _cache_key("ablate", analysis, payload)
     cached = _read_cached(analysis.store, key, _RESULT_ARRAYS)
     if cached is None:
-        with _lock_for(key):
+        with key_lock(key):
             cached = _read_cached(analysis.store, key, _RESULT_ARRAYS)
             if cached is None:
                 cached = _compute_ablation(
@@ -1026,7 +1024,7 @@ def ablation_sweep(
     key = _cache_key("sweep", analysis, payload)
     cached = _read_cached(analysis.store, key, _SWEEP_ARRAYS)
     if cached is None:
-        with _lock_for(key):
+        with key_lock(key):
             cached = _read_cached(analysis.store, key, _SWEEP_ARRAYS)
             if cached is None:
                 arrays = _compute_sweep(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
 import time
 import unicodedata
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from analysis.store import (
     CorruptEntryError,
     default_store,
     dequantize_attention,
+    key_lock,
     quantize_attention,
 )
 
@@ -34,9 +34,6 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 DEFAULT_TOP_K = 10
 _ALLOWED_CONTROL = {"\n", "\t", "\r"}
-
-_key_locks: dict[str, threading.Lock] = {}
-_key_locks_guard = threading.Lock()
 
 
 def validate_prompt(prompt: object, *, max_chars: int | None = None) -> str:
@@ -214,7 +211,7 @@ def analyze(
         logger.info("cache hit %s for %s", key[:12], spec.model_id)
         return PromptAnalysis(key=key, meta=meta, store=store)
 
-    with _lock_for(key):
+    with key_lock(key):
         meta = _read_meta(store, key)
         if meta is None:
             loaded = load_model(spec.model_id, allow_any_path=True)
@@ -318,8 +315,3 @@ def _read_meta(store: ArrayStore, key: str) -> dict | None:
     if meta is not None and meta.get("format") != FORMAT_VERSION:
         return None
     return meta
-
-
-def _lock_for(key: str) -> threading.Lock:
-    with _key_locks_guard:
-        return _key_locks.setdefault(key, threading.Lock())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 import zlib
 from pathlib import Path
 
@@ -136,6 +137,16 @@ class ArrayStore:
         if value is not None and not isinstance(value, bytes):
             raise CorruptEntryError(f"entry {key!r} is {type(value).__name__}, not bytes")
         return value
+
+
+_key_locks: dict[str, threading.Lock] = {}
+_key_locks_guard = threading.Lock()
+
+
+def key_lock(key: str) -> threading.Lock:
+    """One lock per cache key in this process, so two threads never compute the same entry."""
+    with _key_locks_guard:
+        return _key_locks.setdefault(key, threading.Lock())
 
 
 _stores: dict[tuple[str, int], ArrayStore] = {}
