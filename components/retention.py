@@ -35,6 +35,32 @@ CURVE_COLORS = qualitative.Plotly
 RANK_TICKS = (0, 1, 10, 100, 1_000, 10_000, 100_000)
 
 
+def _head_axis(n_heads: int, every: int = 1) -> dict:
+    """An x axis labelled H0, H1, ... (every ``every``-th head)."""
+    heads = range(0, n_heads, every)
+    return {
+        "tickmode": "array",
+        "tickvals": list(heads),
+        "ticktext": [f"H{head}" for head in heads],
+        "title": {"text": "head"},
+        "showgrid": False,
+        "zeroline": False,
+    }
+
+
+def _layer_axis(n_layers: int) -> dict:
+    """A y axis labelled L0, L1, ... from the top down."""
+    return {
+        "tickmode": "array",
+        "tickvals": list(range(n_layers)),
+        "ticktext": [f"L{layer}" for layer in range(n_layers)],
+        "autorange": "reversed",
+        "title": {"text": "layer"},
+        "showgrid": False,
+        "zeroline": False,
+    }
+
+
 def stage_labels(n_layers: int) -> list[str]:
     """Names of the ``n_layers + 1`` residual-stream stages: ``embed``, ``after L0``, ..."""
     return ["embed"] + [f"after L{layer}" for layer in range(n_layers)]
@@ -578,24 +604,8 @@ def make_attribution_figure(
         "height": max(320, 160 + 40 * n_layers),
         "showlegend": False,
         "margin": {"l": 10, "r": 10, "t": 40, "b": 10},
-        "xaxis": {
-            "domain": [0.0, 0.33],
-            "tickmode": "array",
-            "tickvals": list(range(n_heads)),
-            "ticktext": [f"H{head}" for head in range(n_heads)],
-            "title": {"text": "head"},
-            "showgrid": False,
-            "zeroline": False,
-        },
-        "yaxis": {
-            "tickmode": "array",
-            "tickvals": list(range(n_layers)),
-            "ticktext": [f"L{layer}" for layer in range(n_layers)],
-            "autorange": "reversed",
-            "title": {"text": "layer"},
-            "showgrid": False,
-            "zeroline": False,
-        },
+        "xaxis": {"domain": [0.0, 0.33], **_head_axis(n_heads)},
+        "yaxis": _layer_axis(n_layers),
         "xaxis2": {
             "domain": [0.52, 1.0],
             "anchor": "y2",
@@ -815,23 +825,8 @@ def make_head_score_heatmap(
         "title": _title(title),
         "height": max(260, 110 + 34 * n_layers),
         "margin": {"l": 10, "r": 10, "t": 40, "b": 10},
-        "xaxis": {
-            "tickmode": "array",
-            "tickvals": list(range(0, n_heads, every_head)),
-            "ticktext": [f"H{head}" for head in range(0, n_heads, every_head)],
-            "title": {"text": "head"},
-            "showgrid": False,
-            "zeroline": False,
-        },
-        "yaxis": {
-            "tickmode": "array",
-            "tickvals": list(range(n_layers)),
-            "ticktext": [f"L{layer}" for layer in range(n_layers)],
-            "autorange": "reversed",
-            "title": {"text": "layer"},
-            "showgrid": False,
-            "zeroline": False,
-        },
+        "xaxis": _head_axis(n_heads, every_head),
+        "yaxis": _layer_axis(n_layers),
         "shapes": shapes,
     }
     return _figure([heatmap], layout, dark=dark)
