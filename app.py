@@ -35,6 +35,7 @@ app = Dash(
 )
 server = app.server
 serving.enable_auth(app)
+serving.identify_browsers(server)  # whose long job is whose, for MEMLENS_MAX_JOBS_PER_USER
 app.layout = dbc.Container(
     [make_navbar(list(dash.page_registry.values())), *make_app_stores(), dash.page_container],
     fluid=True,

@@ -6,6 +6,9 @@
 - ``MEMLENS_REDIS_URL`` moves long jobs (Dash background callbacks) from a local process pool
   (``DiskcacheManager``) to Celery workers over Redis (``CeleryManager``), which can run on
   other machines: ``celery -A app:celery_app worker``.
+- Every browser gets a random id cookie, so the per-user job limit
+  (``MEMLENS_MAX_JOBS_PER_USER``, :mod:`components.jobs`) has someone to count against when
+  auth is off.
 """
 
 from __future__ import annotations
@@ -14,22 +17,22 @@ import argparse
 import hmac
 import logging
 import os
-import time
-from contextlib import contextmanager
+import uuid
 
 import diskcache
 
 from analysis.settings import Settings, get_settings
+from components.jobs import BROWSER_COOKIE
 
 logger = logging.getLogger(__name__)
 
 
-class JobLimitError(RuntimeError):
-    """This session already runs as many long jobs as it may."""
+def make_celery(redis_url: str, job_timeout_s: float | None = None):
+    """A Celery app on ``redis_url`` (broker and result backend).
 
-
-def make_celery(redis_url: str):
-    """A Celery app on ``redis_url`` (broker and result backend)."""
+    Jobs stop themselves at ``job_timeout_s`` (:mod:`components.jobs`); a minute later the
+    worker kills any that did not (a hard time limit, honoured by the prefork pool).
+    """
     try:
         from celery import Celery
     except ImportError:  # pragma: no cover - celery is in requirements.txt
@@ -41,6 +44,8 @@ def make_celery(redis_url: str):
         result_serializer="json",
         broker_connection_retry_on_startup=True,
     )
+    if job_timeout_s:
+        celery_app.conf.task_time_limit = int(job_timeout_s) + 60
     return celery_app
 
 
@@ -50,7 +55,7 @@ def make_background_manager(settings: Settings | None = None):
 
     settings = settings or get_settings()
     if settings.redis_url:
-        celery_app = make_celery(settings.redis_url)
+        celery_app = make_celery(settings.redis_url, settings.job_timeout_s)
         logger.info("long jobs run on Celery workers at %s", settings.redis_url)
         return CeleryManager(celery_app, expire=int(settings.job_timeout_s) * 4), celery_app
     jobs = diskcache.Cache(str(settings.cache_dir / "jobs"))
@@ -103,34 +108,23 @@ def enable_auth(app, settings: Settings | None = None) -> bool:
     return True
 
 
-@contextmanager
-def job_slot(session_id: str, settings: Settings | None = None):
-    """Hold one of the session's ``MEMLENS_MAX_JOBS_PER_USER`` job slots while a job runs.
+def identify_browsers(server) -> None:
+    """Give every browser a random :data:`~components.jobs.BROWSER_COOKIE` id on its first
+    response, so long jobs can be counted per browser when auth is off."""
 
-    Slots live in the shared disk cache, so the limit holds across web and job workers; each
-    slot expires after the job timeout, so a killed worker cannot hold one for ever.
-    """
-    settings = settings or get_settings()
-    slots = diskcache.Cache(str(settings.cache_dir / "slots"))
-    key = f"running:{session_id or 'anonymous'}"
-    now = time.time()
-    with diskcache.Lock(slots, f"lock:{key}", expire=10):
-        running = [t for t in slots.get(key, []) if now - t < settings.job_timeout_s]
-        if len(running) >= settings.max_jobs_per_user:
-            raise JobLimitError(
-                f"you already run {len(running)} long jobs; wait for one to finish or cancel it "
-                f"(limit {settings.max_jobs_per_user}, MEMLENS_MAX_JOBS_PER_USER)"
+    @server.after_request
+    def _set_browser_cookie(response):
+        from flask import request
+
+        if BROWSER_COOKIE not in request.cookies:
+            response.set_cookie(
+                BROWSER_COOKIE,
+                uuid.uuid4().hex,
+                max_age=365 * 24 * 3600,
+                httponly=True,
+                samesite="Lax",
             )
-        slots.set(key, [*running, now], expire=settings.job_timeout_s)
-    try:
-        yield
-    finally:
-        with diskcache.Lock(slots, f"lock:{key}", expire=10):
-            running = slots.get(key, [])
-            if now in running:
-                running.remove(now)
-            slots.set(key, running, expire=settings.job_timeout_s)
-        slots.close()
+        return response
 
 
 def serve(settings: Settings | None = None) -> None:

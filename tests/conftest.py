@@ -8,6 +8,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
+from dash._callback_context import context_value  # noqa: E402
+from dash._utils import AttributeDict  # noqa: E402
 
 from analysis.store import ArrayStore  # noqa: E402
 from analysis.testing import make_random_gpt2  # noqa: E402
@@ -22,6 +24,27 @@ def cache_dir(tmp_path, monkeypatch):
     directory = tmp_path / "cache"
     monkeypatch.setenv("MEMLENS_CACHE_DIR", str(directory))
     return directory
+
+
+_context_tokens: list = []
+
+
+def in_callback(prop_id: str | None = None, **context) -> None:
+    """Make the next callback call see Dash's request context, as inside a real request:
+    ``ctx.triggered_id`` is ``prop_id``'s component (``"id.prop"``), plus any other fields
+    (``headers``, ``cookies``, ``remote``). Undone after the test."""
+    if prop_id is not None:
+        context.setdefault("triggered_inputs", [{"prop_id": prop_id, "value": 1}])
+    _context_tokens.append(context_value.set(AttributeDict(context)))
+
+
+@pytest.fixture(autouse=True)
+def _no_callback_context_between_tests():
+    """A context set by :func:`in_callback` must not leak into the next test: outside a
+    request, code sees no callback context at all."""
+    yield
+    while _context_tokens:
+        context_value.reset(_context_tokens.pop())
 
 
 @pytest.fixture

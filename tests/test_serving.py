@@ -1,4 +1,4 @@
-"""Team serving: auth, per-session job limits and where long jobs run."""
+"""Team serving: auth, browser ids and where long jobs run."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from dash import html
 
 import serving
 from analysis.settings import Settings
+from components.jobs import BROWSER_COOKIE
 
 
 def settings_with(tmp_path, **env) -> Settings:
@@ -65,40 +66,18 @@ def test_bad_auth_users_setting_is_explained(tmp_path):
         serving.enable_auth(tiny_app(), settings_with(tmp_path, MEMLENS_AUTH_USERS="ada"))
 
 
-def test_job_slots_limit_one_session_not_others(tmp_path):
-    settings = settings_with(tmp_path, MEMLENS_MAX_JOBS_PER_USER="1")
+def test_every_browser_gets_an_id_cookie_once(tmp_path):
+    app = tiny_app()
+    serving.identify_browsers(app.server)
+    client = app.server.test_client()
 
-    with serving.job_slot("session-a", settings):
-        with (
-            pytest.raises(serving.JobLimitError, match="limit 1"),
-            serving.job_slot("session-a", settings),
-        ):
-            pass
-        with serving.job_slot("session-b", settings):
-            pass
-    with serving.job_slot("session-a", settings):  # released after the first job ended
-        pass
-
-
-def test_job_slot_is_released_when_the_job_fails(tmp_path):
-    settings = settings_with(tmp_path, MEMLENS_MAX_JOBS_PER_USER="1")
-
-    with pytest.raises(RuntimeError), serving.job_slot("s", settings):
-        raise RuntimeError("job crashed")
-    with serving.job_slot("s", settings):
-        pass
-
-
-def test_stale_slots_expire_after_the_job_timeout(tmp_path, monkeypatch):
-    settings = settings_with(tmp_path, MEMLENS_MAX_JOBS_PER_USER="1", MEMLENS_JOB_TIMEOUT_S="5")
-    clock = [1000.0]
-    monkeypatch.setattr(serving.time, "time", lambda: clock[0])
-
-    slot = serving.job_slot("s", settings)
-    slot.__enter__()  # a worker that died and never released its slot
-    clock[0] += 10
-    with serving.job_slot("s", settings):
-        pass
+    first = client.get("/")
+    cookie = first.headers.get("Set-Cookie", "")
+    assert cookie.startswith(f"{BROWSER_COOKIE}=") and "HttpOnly" in cookie
+    # The browser sends it back from then on, and keeps the same id.
+    assert "Set-Cookie" not in client.get("/").headers
+    other = app.server.test_client().get("/").headers.get("Set-Cookie", "")
+    assert other.split(";")[0] != cookie.split(";")[0]
 
 
 def test_manager_is_diskcache_without_redis(tmp_path):
@@ -111,3 +90,5 @@ def test_manager_is_celery_with_redis(tmp_path):
     manager, celery_app = serving.make_background_manager(settings)
     assert type(manager).__name__ == "CeleryManager"
     assert celery_app.conf.broker_url == "redis://127.0.0.1:1/0"
+    # Jobs stop themselves at the timeout; the worker kills a stuck one a minute later.
+    assert celery_app.conf.task_time_limit == 900 + 60

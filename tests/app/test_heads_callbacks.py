@@ -10,13 +10,11 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 import pytest
 from dash import no_update
-from dash._callback_context import context_value
-from dash._utils import AttributeDict
 
 import analysis
 from analysis.heads import HEAD_SCORE_NAMES, model_head_scores, prompt_head_scores
 from components.prompt_panel import DEFAULT_PROMPT
-from tests.conftest import needs_trained_induction
+from tests.conftest import in_callback, needs_trained_induction
 
 MODEL = analysis.DEMO_MODEL
 PROMPT = "one two three four one two three four"
@@ -155,7 +153,7 @@ def test_bad_score_and_source_values_fall_back_to_the_defaults(page, battery):
 
 
 def triggered(component_id: str, prop: str):
-    context_value.set(AttributeDict(triggered_inputs=[{"prop_id": f"{component_id}.{prop}"}]))
+    in_callback(f"{component_id}.{prop}")
 
 
 def test_clicking_a_cell_or_a_row_opens_that_head_on_the_attention_page(page):

@@ -12,8 +12,6 @@ from urllib.parse import parse_qs
 import numpy as np
 import pytest
 from dash import no_update
-from dash._callback_context import context_value
-from dash._utils import AttributeDict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,7 +21,7 @@ from analysis.horizon import memory_horizon
 from components.prompt_panel import DEFAULT_PROMPT
 from components.retention import log_rank, stage_labels
 from components.tokens import display_token
-from tests.conftest import ATOL
+from tests.conftest import ATOL, in_callback
 
 MODEL = analysis.DEMO_MODEL
 PROMPT = "The cat sat on the mat. The cat sat on the mat."
@@ -79,9 +77,7 @@ def z_of(figure, trace: int = 0) -> np.ndarray:
 def triggered(component_id, value=1):
     """Make ``dash.ctx`` report that ``component_id`` fired, as inside a real request."""
     prop = component_id if isinstance(component_id, str) else _json_id(component_id)
-    context_value.set(
-        AttributeDict(triggered_inputs=[{"prop_id": f"{prop}.n_clicks", "value": value}])
-    )
+    in_callback(triggered_inputs=[{"prop_id": f"{prop}.n_clicks", "value": value}])
 
 
 def _json_id(component_id: dict) -> str:
