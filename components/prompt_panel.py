@@ -77,6 +77,7 @@ def make_prompt_panel(
     model: str,
     prompt: str,
     truncate: bool | None = None,
+    actions=None,
 ) -> dbc.Card:
     """A card with example buttons, the prompt box, the model picker and the Analyse button.
 
@@ -88,6 +89,7 @@ def make_prompt_panel(
         truncate: ``None`` for no truncation checkbox; else whether ``ids.truncate``, "keep
             only the last tokens of a prompt that is too long", starts ticked. A page that
             shows it passes its value on as ``analysis.analyze(truncate=...)``.
+        actions: Components for the panel's last line, at the right (e.g. a report button).
     """
     examples = [
         dbc.Button(
@@ -128,15 +130,20 @@ def make_prompt_panel(
             className="d-flex gap-2 align-items-center",
         ),
     ]
+    footer = []
     if truncate is not None:
-        body.append(
+        footer.append(
             dbc.Checkbox(
                 id=ids.truncate,
                 label="Keep only the last tokens of a prompt that is too long",
                 value=truncate,
-                class_name="small mt-2 mb-0",
+                class_name="small mb-0",
             )
         )
+    if actions is not None:
+        footer.append(html.Div(actions, className="ms-auto"))
+    if footer:
+        body.append(html.Div(footer, className="d-flex flex-wrap align-items-center gap-2 mt-2"))
     return dbc.Card(dbc.CardBody(body), class_name="h-100")
 
 

@@ -55,13 +55,16 @@ def make_color_mode_switch() -> html.Div:
 
 
 def make_navbar(pages: list[dict], *, brand: str = "MemLens") -> dbc.Navbar:
-    """A navbar with one link per registered page (in ``order``), and the colour-mode switch.
+    """A navbar: one link per registered page (in ``order``), the recent analyses, dark mode.
 
     Args:
         pages: ``dash.page_registry.values()``: dicts with ``name``, ``relative_path`` and
             ``order``.
         brand: Text of the brand link to ``/``.
     """
+    # Imported here: the menu reads this module's store id.
+    from components.recent_menu import make_recent_menu
+
     links = [
         dbc.NavLink(page["name"], href=page["relative_path"], active="exact")
         for page in sorted(pages, key=lambda page: (page.get("order") is None, page.get("order")))
@@ -71,6 +74,7 @@ def make_navbar(pages: list[dict], *, brand: str = "MemLens") -> dbc.Navbar:
             [
                 dbc.NavbarBrand(brand, href="/", class_name="fw-semibold"),
                 dbc.Nav(links, navbar=True, class_name="me-auto"),
+                make_recent_menu(),
                 make_color_mode_switch(),
             ],
             fluid=True,

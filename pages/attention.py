@@ -33,9 +33,16 @@ from dash import (
 
 import analysis
 from analysis.attention_stats import STAT_TITLES, head_stats, token_flow
+from analysis.bundle import collect_report
 from analysis.models import usable_model
 from analysis.settings import get_settings
 from components.alerts import alert_update, make_error_alert
+from components.download import (
+    ReportDownloadIds,
+    make_figure_download,
+    make_report_download,
+    register_report_download,
+)
 from components.heatmaps import (
     downsample_attention,
     grid_selection_shapes,
@@ -56,6 +63,7 @@ from components.prompt_panel import (
     make_prompt_panel,
     register_example_callback,
 )
+from components.recent_menu import remember_view
 from components.shell import COLOR_MODE_SWITCH, LAST_ANALYSIS_STORE, make_card
 from components.tokens import (
     SELECTED_TOKEN_CLASS,
@@ -79,6 +87,7 @@ logger = logging.getLogger(__name__)
 # Component ids, declared once.
 PAGE = "attention"
 PANEL = PromptPanelIds(PAGE)
+REPORT = ReportDownloadIds(PAGE)
 ALERT = "attention-alert"
 URL = "attention-url"
 ANALYSIS = "attention-analysis"
@@ -233,13 +242,14 @@ def prompt_summary(pa: analysis.PromptAnalysis) -> PromptSummary:
 # --- Layout ----------------------------------------------------------------------------------
 
 
-def _graph(graph_id: str, figure, *, modebar: bool = False) -> dcc.Loading:
+def _graph(graph_id: str, figure, *, modebar: bool = False) -> html.Div:
     config = {"displaylogo": False, "displayModeBar": "hover" if modebar else False}
-    return dcc.Loading(
+    graph = dcc.Loading(
         dcc.Graph(id=graph_id, figure=figure, config=config),
         delay_show=SPINNER_DELAY_MS,
         type="circle",
     )
+    return html.Div([graph, make_figure_download(graph_id)])
 
 
 def _hint(text: str) -> html.Small:
@@ -271,6 +281,7 @@ def layout(**query) -> html.Div:
         model=state.model,
         prompt=state.prompt,
         truncate=state.truncate,
+        actions=make_report_download(REPORT),
     )
     tokens = make_card(
         "Tokens",
@@ -388,6 +399,10 @@ def analyse(n_clicks, prompt, model, truncate, layer, head, request, last):
         "n_heads": pa.n_heads,
         "n_pos": pa.n_pos,
     }
+    if not first_load or request.get("from_url"):  # asked for, not a reopened example
+        remember_view(
+            "/", view_search(data, layer, head, token), model, prompt, {"truncate": truncate}
+        )
     strip = make_token_strip(pa.str_tokens, token_type=TOKEN_CHIP, selected=token)
     dropped = int(pa.meta.get("original_length", pa.n_pos)) - pa.n_pos
     if dropped > 0:
@@ -406,6 +421,22 @@ def analyse(n_clicks, prompt, model, truncate, layer, head, request, last):
         model,
         truncate,
     )
+
+
+def report_inputs(data: dict | None, layer: object, head: object):
+    """What the report bundle shows: the whole model, then the chosen layer and head."""
+    if not data:
+        raise ValueError("analyse a prompt first; the report shows its analysis")
+    pa = open_analysis(data)
+    selected = _selection(data, layer, head)
+    if selected is None:
+        return collect_report(pa)
+    return collect_report(pa, layers=[selected[0]], heads=[selected[1]])
+
+
+register_report_download(
+    REPORT, [State(ANALYSIS, "data"), State(LAYER, "value"), State(HEAD, "value")], report_inputs
+)
 
 
 @callback(

@@ -51,8 +51,10 @@ from components.compare import (
     symmetric_range,
     token_axis_labels,
 )
+from components.download import make_figure_download
 from components.heatmaps import MAX_HEAD_SIDE, make_attention_heatmap, make_empty_figure
 from components.prompt_panel import model_options
+from components.recent_menu import remember_view
 from components.shell import COLOR_MODE_SWITCH, make_card
 from components.tokens import SELECTED_TOKEN_CLASS, TOKEN_CLASS, make_token_strip
 from components.url_state import QueryReader
@@ -170,12 +172,13 @@ def compare_search(data: dict | None, layer: object, head: object, tab: object) 
 # --- Layout ----------------------------------------------------------------------------------
 
 
-def _graph(graph_id: str) -> dcc.Loading:
+def _graph(graph_id: str) -> html.Div:
     config = {"displaylogo": False, "displayModeBar": "hover"}
     empty = make_empty_figure("Compare two prompts to see this view.", height=FIGURE_HEIGHT)
-    return dcc.Loading(
+    graph = dcc.Loading(
         dcc.Graph(id=graph_id, figure=empty, config=config), delay_show=400, type="circle"
     )
+    return html.Div([graph, make_figure_download(graph_id)])
 
 
 def _picker(picker_id: str, label: str, value: int) -> dbc.InputGroup:
@@ -402,6 +405,9 @@ def compare(n_clicks, align, prompt_a, prompt_b, model, layer, head, request):
         "n_pos_b": pa_b.n_pos,
         "pairs": [[int(i), int(j)] for i, j in pairs],
     }
+    if not first_load:  # asked for, not the link or example the page opened on
+        search = compare_search(data, layer, head, "pair")
+        remember_view("/compare", search, model, prompt_a, {"prompt_b": prompt_b, "align": align})
     return (
         data,
         _options(pa_a.n_layers, "L"),

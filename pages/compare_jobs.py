@@ -35,7 +35,9 @@ from components.compare import (
     pair_axis_labels,
     table_columns,
 )
+from components.download import make_figure_download
 from components.heatmaps import make_empty_figure
+from components.jobs import limited_job
 from components.shell import COLOR_MODE_SWITCH
 from components.url_state import as_index
 
@@ -223,6 +225,7 @@ def patching_caption(result) -> str:
     cancel=[Input(PATCH_CANCEL, "n_clicks")],
     prevent_initial_call=True,
 )
+@limited_job(lambda message: (no_update, no_update, *alert_update(message)))
 def run_patching(set_progress, n_clicks, data, clean_answer, corrupted_answer, kinds, layer, dark):
     """Patch A's activations into B for each chosen sweep; one heatmap per sweep."""
 
@@ -285,13 +288,15 @@ def run_patching(set_progress, n_clicks, data, clean_answer, corrupted_answer, k
         figure = make_patching_heatmap(
             values, axis_names, pos_labels=pos_labels, title=title, dark=bool(dark)
         )
+        graph_id = {"type": "compare-patch-figure", "kind": result.kind}
         graphs.append(
             dcc.Graph(
                 figure=figure,
-                id={"type": "compare-patch-figure", "kind": result.kind},
+                id=graph_id,
                 config={"displaylogo": False, "displayModeBar": "hover"},
             )
         )
+        graphs.append(make_figure_download(graph_id))
     return graphs, patching_caption(first), *alert_update(None)
 
 
@@ -378,6 +383,7 @@ def prompt_set_tab() -> html.Div:
                 figure=make_empty_figure("Run a prompt set to chart it.", height=220),
                 config={"displaylogo": False, "displayModeBar": False},
             ),
+            make_figure_download(SET_CHART),
             make_measure_table(SET_TABLE),
         ]
     )
@@ -480,6 +486,7 @@ def chosen_measures(measures: list | None, token: str | None, layer: object, hea
     cancel=[Input(SET_CANCEL, "n_clicks")],
     prevent_initial_call=True,
 )
+@limited_job(lambda message: (*[no_update] * 7, *alert_update(message)))
 def run_set(
     set_progress, n_clicks, source, text, contents, filename, measures, token, layer, head, model
 ):

@@ -28,6 +28,7 @@ from dash import (
 )
 
 import analysis
+from analysis.bundle import collect_report
 from analysis.heads import (
     BATTERY_N_SEQS,
     BATTERY_SEG_LEN,
@@ -36,6 +37,12 @@ from analysis.heads import (
 )
 from analysis.settings import get_settings
 from components.alerts import alert_update, make_error_alert
+from components.download import (
+    ReportDownloadIds,
+    make_figure_download,
+    make_report_download,
+    register_report_download,
+)
 from components.heatmaps import make_empty_figure, parse_panel_click
 from components.prompt_panel import DEFAULT_PROMPT, model_options
 from components.retention import head_table_rows, make_head_score_heatmap, make_head_table
@@ -63,6 +70,7 @@ HEATMAP = "heads-heatmap"
 CAPTION = "heads-caption"
 SUMMARY = "heads-summary"
 TABLE = "heads-table"
+REPORT = ReportDownloadIds("heads")
 
 # Score name -> (title, caption saying how to read it, colour range or None to fit the data).
 SCORES = {
@@ -189,6 +197,7 @@ def layout(**query) -> html.Div:
                 inline=True,
                 class_name="small",
             ),
+            html.Div(make_report_download(REPORT), className="ms-auto"),
         ],
         className="d-flex flex-wrap gap-3 align-items-center",
     )
@@ -205,6 +214,7 @@ def layout(**query) -> html.Div:
                     delay_show=400,
                     type="circle",
                 ),
+                make_figure_download(HEATMAP),
             ]
         ),
         class_name="mb-3",
@@ -335,6 +345,20 @@ def show_scores(model, score, source, dark, last):
     caption = f"{caption} The strongest head is framed; click a head to open it."
     rows = head_table_rows(scores.as_dict())
     return figure, caption, summary_lines(scores, source), rows, *alert_update(None)
+
+
+def report_inputs(model: str | None, last: dict | None):
+    """The report bundle of this tab's last prompt (the example if none) on the chosen model."""
+    if not model:
+        raise ValueError("choose a model first")
+    last = last if isinstance(last, dict) and last.get("prompt") else {}
+    prompt = last.get("prompt") or DEFAULT_PROMPT
+    return collect_report(analysis.analyze(prompt, model, truncate=bool(last.get("truncate"))))
+
+
+register_report_download(
+    REPORT, [State(MODEL, "value"), State(LAST_ANALYSIS_STORE, "data")], report_inputs
+)
 
 
 def head_from_table(active_cell: object) -> tuple[int, int] | None:

@@ -32,17 +32,26 @@ from dash import (
 
 import analysis
 from analysis import retention
+from analysis.bundle import collect_report
 from analysis.horizon import memory_horizon
 from analysis.models import usable_model
 from analysis.settings import get_settings
 from components.alerts import alert_update, make_error_alert
+from components.download import (
+    ReportDownloadIds,
+    make_figure_download,
+    make_report_download,
+    register_report_download,
+)
 from components.heatmaps import make_empty_figure
+from components.jobs import limited_job
 from components.prompt_panel import (
     DEFAULT_PROMPT,
     PromptPanelIds,
     make_prompt_panel,
     register_example_callback,
 )
+from components.recent_menu import remember_view
 from components.retention import (
     log_rank,
     make_attribution_figure,
@@ -75,6 +84,7 @@ logger = logging.getLogger(__name__)
 # Component ids, declared once.
 PAGE = "retention"
 PANEL = PromptPanelIds(PAGE)
+REPORT = ReportDownloadIds(PAGE)
 ALERT = "retention-alert"
 URL = "retention-url"
 ANALYSIS = "retention-analysis"
@@ -296,13 +306,14 @@ def _token_options(str_tokens: list[str]) -> list[dict]:
 # --- Layout ----------------------------------------------------------------------------------
 
 
-def _graph(graph_id: str, message: str = "Analyse a prompt to see this view.") -> dcc.Loading:
+def _graph(graph_id: str, message: str = "Analyse a prompt to see this view.") -> html.Div:
     config = {"displaylogo": False, "displayModeBar": "hover"}
-    return dcc.Loading(
+    graph = dcc.Loading(
         dcc.Graph(id=graph_id, figure=make_empty_figure(message, height=240), config=config),
         delay_show=SPINNER_DELAY_MS,
         type="circle",
     )
+    return html.Div([graph, make_figure_download(graph_id)])
 
 
 def _caption(caption_id: str, text: str = "") -> html.Div:
@@ -324,7 +335,11 @@ def layout(**query) -> html.Div:
     """The page for a URL's query parameters; works with none."""
     state, messages = parse_view_query(query, default_model=get_settings().default_model)
     prompt_panel = make_prompt_panel(
-        PANEL, models=analysis.available_models(), model=state.model, prompt=state.prompt
+        PANEL,
+        models=analysis.available_models(),
+        model=state.model,
+        prompt=state.prompt,
+        actions=make_report_download(REPORT),
     )
     tokens = make_card(
         "Tokens",
@@ -543,6 +558,9 @@ def analyse(n_clicks, prompt, model, request, last):
         "n_heads": pa.n_heads,
         "n_pos": n_pos,
     }
+    if not first_load or request.get("from_url"):  # asked for, not a reopened example
+        search = view_search(data, pos, source, stage, tokens, None, None)
+        remember_view("/retention", search, model, prompt)
     token_options = _token_options(pa.str_tokens)
     stages = stage_labels(n_layers)
     return (
@@ -560,6 +578,16 @@ def analyse(n_clicks, prompt, model, request, last):
         model,
         {"model": model, "prompt": prompt},
     )
+
+
+def report_inputs(data: dict | None):
+    """What the report bundle shows: every layer's heads, the loss, norms and logit-lens ranks."""
+    if not data:
+        raise ValueError("analyse a prompt first; the report shows its analysis")
+    return collect_report(open_analysis(data))
+
+
+register_report_download(REPORT, [State(ANALYSIS, "data")], report_inputs)
 
 
 def position_from_click(click_data: object) -> int | None:
@@ -1003,6 +1031,7 @@ def show_attribution(data, pos, target, dark):
     cancel=[Input(HORIZON_CANCEL, "n_clicks")],
     prevent_initial_call=True,
 )
+@limited_job(lambda message: (no_update, *alert_update(message)))
 def run_horizon(set_progress, n_clicks, data):
     """Measure the loss on every token with truncated context, batch by batch, into the cache.
 

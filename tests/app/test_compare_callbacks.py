@@ -11,7 +11,7 @@ from urllib.parse import parse_qs
 
 import numpy as np
 import pytest
-from dash import no_update
+from dash import dcc, no_update
 
 import analysis
 from analysis.compare import align_tokens
@@ -244,12 +244,14 @@ def test_patching_job_returns_a_heatmap_per_sweep_with_progress(compare_page, jo
     kinds = ["resid_pre", "attn_out", "head_out_all_pos", "head_out_by_pos"]
     progress: list = []
 
-    graphs, caption, alert, alert_open = jobs.run_patching(
+    children, caption, alert, alert_open = jobs.run_patching(
         progress.append, 1, data, " m", " h", kinds, "1", False
     )
 
     assert alert_open is False
+    graphs = [child for child in children if isinstance(child, dcc.Graph)]
     assert [graph.id["kind"] for graph in graphs] == kinds
+    assert len(children) == 2 * len(kinds)  # each heatmap has its download toolbar
     for graph, kind in zip(graphs, kinds, strict=True):
         expected = activation_patch(PROMPT, CORRUPTED, (" m", " h"), kind, MODEL, layer=1)
         values = expected.values.T if kind == "head_out_by_pos" else expected.values
