@@ -42,13 +42,8 @@ import numpy as np
 
 from analysis.models import LoadedModel, load_model
 from analysis.prompt import PromptAnalysis, tokenize, validate_prompt
-from analysis.store import (
-    ArrayStore,
-    CorruptEntryError,
-    dequantize_attention,
-    key_lock,
-    quantize_attention,
-)
+from analysis.retention import cached_arrays
+from analysis.store import dequantize_attention, quantize_attention
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +53,16 @@ COMPONENT_KINDS: tuple[str, ...] = get_args(ComponentKind)
 ABLATION_METHODS: tuple[str, ...] = get_args(AblationMethod)
 
 # Bump when what is cached, or how, changes: old entries then stop matching.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # A loss rise of 1 nat means the correct token's probability fell by a factor of e (about 2.7).
 DEFAULT_LOSS_THRESHOLD = 1.0
 # Automatic batch size: rows whose estimated activations fit this many bytes, at most this many
 # rows (past ~32 rows a CPU forward gains nothing per row, and memory only grows).
 AUTO_BATCH_BYTES = 1 << 30
 MAX_AUTO_BATCH = 32
+
+# The mean over reference prompts runs one forward pass per prompt.
+MAX_REFERENCE_PROMPTS = 64
 
 # Passes that start at a block from the clean run's cached residual must reproduce the model's
 # logits this closely, or every pass runs from the embedding (see _can_start_midway).
@@ -277,6 +275,16 @@ class AblationResult:
         index = self.attention_layers.index(layer)
         return self.attention_after[index] - self.attention_before[index]
 
+    def attention_change(self) -> np.ndarray:
+        """How far each downstream head's attention moved, ``[len(attention_layers), n_heads]``.
+
+        The total-variation distance between a query's attention row before and after,
+        ``0.5 * sum_k |after[q, k] - before[q, k]|`` (0: the same distribution, 1: disjoint
+        keys), averaged over the query positions. Row i is layer ``attention_layers[i]``.
+        """
+        moved = 0.5 * np.abs(self.attention_after - self.attention_before).sum(-1)
+        return moved.mean(-1)
+
     def with_threshold(self, loss_threshold: float) -> AblationResult:
         """The same result with another failure threshold (no forward pass)."""
         return dataclasses.replace(self, loss_threshold=_check_threshold(loss_threshold))
@@ -425,8 +433,16 @@ def _check_method(
         raise ValueError(
             "reference_prompts is empty: pass None to take the mean over the prompt itself"
         )
-    for text in references:
-        validate_prompt(text)
+    if len(references) > MAX_REFERENCE_PROMPTS:
+        raise ValueError(
+            f"{len(references)} reference prompts is too many: the mean takes a forward pass "
+            f"per prompt, so use at most {MAX_REFERENCE_PROMPTS}"
+        )
+    for number, text in enumerate(references, start=1):
+        try:
+            validate_prompt(text)
+        except ValueError as exc:
+            raise ValueError(f"reference prompt {number}: {exc}") from None
     return references
 
 
@@ -717,20 +733,14 @@ def _cache_key(what: str, analysis: PromptAnalysis, payload: dict) -> str:
     return f"{what}-{digest}"
 
 
-def _read_cached(store: ArrayStore, key: str, names: Sequence[str]) -> tuple[dict, dict] | None:
-    """The metadata and arrays under ``key``, or None when absent, partial or corrupt."""
-    try:
-        meta = store.get_json(f"{key}/meta")
-        if meta is None or meta.get("format") != FORMAT_VERSION:
-            return None
-        arrays = {name: store.get_array(f"{key}/{name}") for name in names}
-    except CorruptEntryError as exc:
-        logger.warning("ablation cache entry %s is corrupt (%s); recomputing", key[:24], exc)
-        store.evict(key)
-        return None
-    if any(array is None for array in arrays.values()):
-        return None
-    return meta, arrays
+def _encode_strings(texts: Sequence[str]) -> np.ndarray:
+    """Strings as UTF-8 JSON bytes, ``[n_bytes]`` uint8, so they cache as an array (numpy's own
+    string arrays drop trailing NUL characters, which a byte-level token can decode to)."""
+    return np.frombuffer(json.dumps(list(texts)).encode(), dtype=np.uint8)
+
+
+def _decode_strings(array: np.ndarray) -> tuple[str, ...]:
+    return tuple(json.loads(array.tobytes().decode()))
 
 
 # ---- ablate -----------------------------------------------------------------------------------
@@ -744,6 +754,8 @@ _RESULT_ARRAYS = (
     "top_prob_after",
     "attention_before",
     "attention_after",
+    "top_str_before",
+    "top_str_after",
 )
 
 
@@ -803,25 +815,13 @@ def ablate(
         "reference_prompts": list(references),
     }
     key = _cache_key("ablate", analysis, payload)
-    cached = _read_cached(analysis.store, key, _RESULT_ARRAYS)
-    if cached is None:
-        with key_lock(key):
-            cached = _read_cached(analysis.store, key, _RESULT_ARRAYS)
-            if cached is None:
-                cached = _compute_ablation(
-                    analysis,
-                    components,
-                    method,
-                    source_prompt,
-                    references,
-                    attention_layers,
-                    key,
-                    should_stop,
-                )
-    else:
-        logger.info("ablation cache hit %s for %s", key[:20], analysis.model_id)
 
-    meta, arrays = cached
+    def compute() -> dict[str, np.ndarray]:
+        return _compute_ablation(
+            analysis, components, method, source_prompt, references, attention_layers, should_stop
+        )
+
+    arrays = cached_arrays(analysis.store, key, _RESULT_ARRAYS, compute, tag=key, compress=True)
     return AblationResult(
         components=components,
         method=method,
@@ -833,9 +833,9 @@ def ablate(
         top_after=arrays["top_after"].astype(np.int64),
         top_prob_before=arrays["top_prob_before"],
         top_prob_after=arrays["top_prob_after"],
-        top_str_before=tuple(meta["top_str_before"]),
-        top_str_after=tuple(meta["top_str_after"]),
-        attention_layers=tuple(meta["attention_layers"]),
+        top_str_before=_decode_strings(arrays["top_str_before"]),
+        top_str_after=_decode_strings(arrays["top_str_after"]),
+        attention_layers=attention_layers,
         attention_before=dequantize_attention(arrays["attention_before"]),
         attention_after=dequantize_attention(arrays["attention_after"]),
         loss_threshold=loss_threshold,
@@ -849,10 +849,9 @@ def _compute_ablation(
     source_prompt: str | None,
     references: tuple[str, ...],
     attention_layers: tuple[int, ...],
-    key: str,
     should_stop: Callable[[], bool] | None,
-) -> tuple[dict, dict]:
-    """Run the clean and the ablated pass, store every array, then the metadata."""
+) -> dict[str, np.ndarray]:
+    """Run the clean and the ablated pass; every array :func:`ablate` caches."""
     import torch
 
     started = time.perf_counter()
@@ -901,6 +900,7 @@ def _compute_ablation(
     after = [captured[layer][0] for layer in attention_layers]
     attention_before = torch.stack(before).numpy() if before else empty
     attention_after = torch.stack(after).numpy() if after else empty
+    decode = loaded.tokenizer.decode
     arrays = {
         "loss_before": loss_before[0],
         "loss_after": loss_after[0],
@@ -910,18 +910,9 @@ def _compute_ablation(
         "top_prob_after": prob_after[0],
         "attention_before": quantize_attention(attention_before),
         "attention_after": quantize_attention(attention_after),
+        "top_str_before": _encode_strings([decode([int(t)]) for t in top_before[0]]),
+        "top_str_after": _encode_strings([decode([int(t)]) for t in top_after[0]]),
     }
-    store = analysis.store
-    for name, array in arrays.items():
-        store.put_array(f"{key}/{name}", array, tag=key, compress=name.startswith("attention"))
-    decode = loaded.tokenizer.decode
-    meta = {
-        "format": FORMAT_VERSION,
-        "top_str_before": [decode([int(t)]) for t in top_before[0]],
-        "top_str_after": [decode([int(t)]) for t in top_after[0]],
-        "attention_layers": list(attention_layers),
-    }
-    store.put_json(f"{key}/meta", meta, tag=key)
     logger.info(
         "ablated %s (%s) on %d tokens of %s in %.2fs",
         ", ".join(c.label for c in components) or "nothing",
@@ -930,7 +921,7 @@ def _compute_ablation(
         analysis.model_id,
         time.perf_counter() - started,
     )
-    return meta, arrays
+    return arrays
 
 
 # ---- sweep ------------------------------------------------------------------------------------
@@ -1022,32 +1013,25 @@ def ablation_sweep(
         "reference_prompts": list(references),
     }
     key = _cache_key("sweep", analysis, payload)
-    cached = _read_cached(analysis.store, key, _SWEEP_ARRAYS)
-    if cached is None:
-        with key_lock(key):
-            cached = _read_cached(analysis.store, key, _SWEEP_ARRAYS)
-            if cached is None:
-                arrays = _compute_sweep(
-                    analysis,
-                    components,
-                    selected,
-                    method,
-                    source_prompt,
-                    references,
-                    batch_size,
-                    progress,
-                    should_stop,
-                )
-                for name, array in arrays.items():
-                    analysis.store.put_array(f"{key}/{name}", array, tag=key)
-                analysis.store.put_json(f"{key}/meta", {"format": FORMAT_VERSION}, tag=key)
-                cached = ({}, arrays)
-    else:
-        logger.info("sweep cache hit %s for %s", key[:20], analysis.model_id)
-        if progress is not None:
-            progress(len(components), len(components))
+    computed = []
 
-    _, arrays = cached
+    def compute() -> dict[str, np.ndarray]:
+        computed.append(True)
+        return _compute_sweep(
+            analysis,
+            components,
+            selected,
+            method,
+            source_prompt,
+            references,
+            batch_size,
+            progress,
+            should_stop,
+        )
+
+    arrays = cached_arrays(analysis.store, key, _SWEEP_ARRAYS, compute, tag=key)
+    if not computed and progress is not None:
+        progress(len(components), len(components))
     return _sweep_result(arrays, method, kinds, components[0].positions, selected, True)
 
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from analysis.models import LoadedModel, load_model
 from analysis.prompt import PromptAnalysis
-from analysis.store import ArrayStore, CorruptEntryError
+from analysis.store import ArrayStore, CorruptEntryError, key_lock
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,9 @@ def cached_arrays(
     """Read the arrays ``{prefix}.{name}`` from ``store``, or compute and write them all.
 
     A missing or corrupt entry (evicted, half written by a killed worker) makes the whole group
-    recompute, so a caller never mixes arrays from two runs.
+    recompute, so a caller never mixes arrays from two runs. A miss holds the prefix's
+    :func:`~analysis.store.key_lock` while it computes, so two threads asking for the same group
+    compute it once; ``compute`` may raise (a cancelled job), which writes nothing.
 
     Args:
         store: The analysis cache.
@@ -67,19 +69,34 @@ def cached_arrays(
     Returns:
         ``{name: array}``.
     """
+    arrays = _read_group(store, prefix, names)
+    if arrays is None:
+        with key_lock(prefix):
+            # Another thread may have written the group while this one waited for the lock.
+            arrays = _read_group(store, prefix, names)
+            if arrays is None:
+                return _compute_group(store, prefix, names, compute, tag, compress)
+    logger.info("cache hit %s", prefix[-40:])
+    return arrays
+
+
+def _read_group(store: ArrayStore, prefix: str, names: Sequence[str]) -> dict | None:
+    """Every array of the group, or None when one is missing or corrupt."""
     arrays = {}
     try:
         for name in names:
             array = store.get_array(f"{prefix}.{name}")
             if array is None:
-                break
+                return None
             arrays[name] = array
     except CorruptEntryError as exc:
         logger.warning("cache entry under %s is corrupt (%s); recomputing", prefix, exc)
-    if len(arrays) == len(names):
-        logger.info("cache hit %s", prefix[-40:])
-        return arrays
+        return None
+    return arrays
 
+
+def _compute_group(store, prefix, names, compute, tag, compress) -> dict[str, np.ndarray]:
+    """Run ``compute`` and write every array it returns under ``prefix``."""
     started = time.perf_counter()
     arrays = compute()
     missing = set(names) - set(arrays)

@@ -1,4 +1,5 @@
-"""Figures and widgets of the Ablate page: loss before and after, predictions, sweep heatmaps.
+"""Figures and widgets of the Ablate page: loss before and after, predictions, how the attention
+downstream of the ablation moved, and sweep heatmaps.
 
 Every builder takes numpy arrays and plain Python values, never tensors. Loss arrays follow
 ``analysis.ablation.AblationResult``: entry i is the loss of predicting token i+1, so they are
@@ -10,6 +11,7 @@ as Dash string children.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,7 +19,20 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from dash import html
 
-from components.compare import diverging_colorscale, make_value_heatmap, symmetric_range
+from components.compare import (
+    MIN_DIFFERENCE_RANGE,
+    diverging_colorscale,
+    make_value_heatmap,
+    signed_block_extreme,
+    symmetric_range,
+)
+from components.heatmaps import (
+    attention_colorscale,
+    block_starts,
+    causal_blocks,
+    downsample_attention,
+    span_label,
+)
 from components.shell import figure_template
 from components.tokens import TOKEN_CLASS, display_token, plotly_text, token_button_id, token_label
 
@@ -28,6 +43,10 @@ _BEFORE_COLOR = "#6c757d"
 _AFTER_COLOR = "#0d6efd"
 _HURT_COLOR = "#dc3545"
 _HELPED_COLOR = "#198754"
+# Cells per side of each of the three before / after / change panels before tokens are blocked.
+MAX_PATTERN_SIDE = 128
+_PATTERN_TICKS = 24  # token labels per axis of a pattern panel
+_CELL = re.compile(r"^([LH])(\d+)$")
 
 
 def _figure(traces: list[dict], layout: dict, *, dark: bool) -> go.Figure:
@@ -246,6 +265,212 @@ def _signed_heatmap(values, x, y, x_title, title, value_name, dark) -> go.Figure
     )
     figure.data[0].colorscale = hurt_colorscale(dark)
     return figure
+
+
+# --- Downstream attention ----------------------------------------------------------------------
+
+
+def change_grid(change: np.ndarray, layers: Sequence[int], n_layers: int) -> np.ndarray:
+    """Downstream attention change on the whole model's grid, ``[n_layers, n_heads]``: rows of
+    ``layers`` from ``change`` ``[len(layers), n_heads]``, NaN for the layers it cannot reach."""
+    change = np.asarray(change, dtype=np.float32)
+    if change.ndim != 2 or change.shape[0] != len(layers):
+        raise ValueError(
+            f"attention change of shape {change.shape} does not match the {len(layers)} "
+            "downstream layers"
+        )
+    grid = np.full((n_layers, change.shape[1]), np.nan, dtype=np.float32)
+    grid[list(layers)] = change
+    return grid
+
+
+def make_attention_change_heatmap(
+    grid: np.ndarray,
+    *,
+    selected: tuple[int, int] | None = None,
+    title: str = "",
+    dark: bool = False,
+) -> go.Figure:
+    """Layers down, heads across: how far each head's attention moved after the ablation.
+
+    Blank rows are layers the ablation cannot reach (its own layer and those below).
+
+    Args:
+        grid: ``[n_layers, n_heads]`` mean total-variation distance per head, NaN where not
+            downstream (:func:`change_grid` of ``AblationResult.attention_change()``).
+        selected: ``(layer, head)`` to frame, the head shown in the pattern view.
+        title: Figure title.
+        dark: Use the dark template.
+    """
+    grid = np.asarray(grid, dtype=np.float32)
+    if grid.ndim != 2:
+        raise ValueError(f"an attention-change heatmap needs [n_layers, n_heads], got {grid.shape}")
+    n_layers, n_heads = grid.shape
+    layers = [f"L{layer}" for layer in range(n_layers)]
+    heads = [f"H{head}" for head in range(n_heads)]
+    peak = symmetric_range(grid, floor=MIN_DIFFERENCE_RANGE)
+    shapes = []
+    if selected is not None:
+        layer, head = selected
+        line = {"color": "#0dcaf0" if dark else "#dc3545", "width": 3}
+        shapes.append(
+            {
+                "type": "rect",
+                "xref": "x",
+                "yref": "y",
+                "x0": head - 0.5,
+                "x1": head + 0.5,
+                "y0": layer - 0.5,
+                "y1": layer + 0.5,
+                "line": line,
+                "fillcolor": "rgba(0,0,0,0)",
+            }
+        )
+    figure = make_value_heatmap(
+        grid,
+        (heads, heads),
+        (layers, layers),
+        title=title,
+        x_title="head",
+        y_title="layer",
+        zrange=(0.0, peak),
+        colorbar_title="TV",
+        value_name="mean total-variation distance",
+        dark=dark,
+        height=min(600, 110 + 40 * n_layers),
+        shapes=shapes,
+        show_values=True,
+    )
+    figure.data[0].colorscale = attention_colorscale(dark)
+    return figure
+
+
+def parse_change_click(click_data: object) -> tuple[int, int] | None:
+    """``(layer, head)`` of a click on :func:`make_attention_change_heatmap`, else None."""
+    try:
+        point = click_data["points"][0]  # type: ignore[index]
+        x, y = _CELL.match(str(point["x"])), _CELL.match(str(point["y"]))
+    except (TypeError, KeyError, IndexError):
+        return None
+    if x is None or y is None or x.group(1) != "H" or y.group(1) != "L":
+        return None
+    return int(y.group(2)), int(x.group(2))
+
+
+def make_pattern_comparison(
+    before: np.ndarray,
+    after: np.ndarray,
+    str_tokens: Sequence[str],
+    *,
+    title: str = "",
+    dark: bool = False,
+    max_side: int = MAX_PATTERN_SIDE,
+    height: int = 420,
+) -> go.Figure:
+    """One head's attention before the ablation, after it, and after − before, side by side.
+
+    Queries run down and keys across. Long prompts are shown in blocks of tokens: before and
+    after hold each block's largest weight, the change its change of largest magnitude (sign
+    kept). The change's colours span its largest magnitude, at least
+    :data:`~components.compare.MIN_DIFFERENCE_RANGE`, red where attention fell.
+
+    Args:
+        before: ``[q_pos, k_pos]`` clean pattern of the head.
+        after: ``[q_pos, k_pos]`` its pattern in the ablated run.
+        str_tokens: ``[pos]`` the tokens as text.
+        title: Figure title (escaped here).
+        dark: Use the dark template.
+        max_side: Most cells per side of each panel before tokens are grouped into blocks.
+        height: Figure height in pixels.
+    """
+    before = np.asarray(before, dtype=np.float32)
+    after = np.asarray(after, dtype=np.float32)
+    n_pos = len(str_tokens)
+    if not before.shape == after.shape == (n_pos, n_pos):
+        raise ValueError(
+            f"patterns of shapes {before.shape} and {after.shape} do not match the {n_pos} "
+            "tokens: expected [pos, pos] each"
+        )
+
+    # Block long prompts; the change keeps its sign where a block maximum would hide falls.
+    starts = block_starts(n_pos, max_side)
+    causal = causal_blocks(starts, n_pos)
+    delta = np.where(causal, signed_block_extreme(after - before, starts, starts), np.nan)
+    panels = [downsample_attention(before, starts), downsample_attention(after, starts), delta]
+    stops = np.append(starts[1:], n_pos)
+    labels = [
+        span_label(list(str_tokens), int(a), int(b)) for a, b in zip(starts, stops, strict=True)
+    ]
+    if len(starts) < n_pos:
+        block = f"blocks of {int(starts[1])} tokens"
+        title = f"{title} · {block}" if title else block
+    peak = symmetric_range(delta, floor=MIN_DIFFERENCE_RANGE)
+
+    # Three panels in a row; before and after share the weight colour bar.
+    every = max(1, -(-len(labels) // _PATTERN_TICKS))
+    ticks = [plotly_text(display_token(str_tokens[int(s)])) for s in starts]
+    domains = [(0.0, 0.28), (0.345, 0.625), (0.69, 0.97)]
+    names = ["before", "after", "after − before"]
+    traces, layout = [], {}
+    for index, (z, name, (x0, x1)) in enumerate(zip(panels, names, domains, strict=True)):
+        suffix = "" if index == 0 else str(index + 1)
+        value = "Δ weight %{z:+.3f}" if index == 2 else "weight %{z:.3f}"
+        traces.append(
+            {
+                "type": "heatmap",
+                "z": z,
+                "x": labels,
+                "y": labels,
+                "xaxis": f"x{suffix}",
+                "yaxis": f"y{suffix}",
+                "coloraxis": "coloraxis2" if index == 2 else "coloraxis",
+                "hovertemplate": f"{name}<br>query %{{y}}<br>key %{{x}}<br>{value}<extra></extra>",
+                "hoverongaps": False,
+            }
+        )
+        axis = {
+            "type": "category",
+            "tickmode": "array",
+            "tickvals": labels[::every],
+            "ticktext": ticks[::every],
+            "tickfont": {"size": 9},
+            "showgrid": False,
+            "zeroline": False,
+        }
+        layout[f"xaxis{suffix}"] = {
+            **axis,
+            "domain": [x0, x1],
+            "anchor": f"y{suffix}",
+            "tickangle": -90,
+            "title": {"text": f"{name} · key", "font": {"size": 12}},
+        }
+        layout[f"yaxis{suffix}"] = {
+            **axis,
+            "domain": [0.0, 1.0],
+            "anchor": f"x{suffix}",
+            "autorange": "reversed",
+            "showticklabels": index == 0,
+            "title": {"text": "query" if index == 0 else ""},
+        }
+    colorbar = {"thickness": 10, "len": 0.9, "title": {"side": "right"}}
+    layout |= {
+        "title": {"text": plotly_text(title), "x": 0, "xanchor": "left", "font": {"size": 13}},
+        "height": height,
+        "margin": {"l": 10, "r": 10, "t": 36 if title else 10, "b": 10},
+        "coloraxis": {
+            "cmin": 0.0,
+            "cmax": 1.0,
+            "colorscale": attention_colorscale(dark),
+            "colorbar": {**colorbar, "x": 0.632, "title": {"text": "weight", "side": "right"}},
+        },
+        "coloraxis2": {
+            "cmin": -peak,
+            "cmax": peak,
+            "colorscale": diverging_colorscale(dark),
+            "colorbar": {**colorbar, "x": 0.977, "title": {"text": "Δ", "side": "right"}},
+        },
+    }
+    return _figure(traces, layout, dark=dark)
 
 
 # --- Widgets -----------------------------------------------------------------------------------

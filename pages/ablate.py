@@ -2,11 +2,14 @@
 
 The Ablate button runs one intervention (``analysis.ablation.ablate``: a clean and an ablated
 forward pass, cached) and shows the per-token loss before and after, Δloss, the top prediction
-before and after, and the tokens whose prediction broke, outlined red in the token strip. Run
-sweep ablates every head, attention layer and MLP layer one at a time in a background job
-(progress bar, Cancel) and shows Δ mean loss as a layer × head heatmap; clicking tokens in the
-strip chooses the tokens whose Δloss the last heatmap averages (a cache read, no forward pass).
-The URL carries the model, prompt, components, positions, method and resample source.
+before and after, and the tokens whose prediction broke, outlined red in the token strip. The
+downstream-attention card shows how far each later head's attention moved (a layer × head map);
+clicking a head shows its pattern before, after and the change. Run sweep ablates every head,
+attention layer and MLP layer one at a time in a background job (progress bar, Cancel) and shows
+Δ mean loss as a layer × head heatmap; clicking tokens in the strip chooses the tokens whose
+Δloss the last heatmap averages (a cache read, no forward pass).
+The URL carries the model, prompt, components, positions, method, resample source and the
+reference prompts of a mean over a reference set.
 """
 
 # No ``from __future__ import annotations``: Dash runs page modules before listing them in
@@ -31,20 +34,32 @@ from dash import (
 )
 
 import analysis
-from analysis.ablation import ABLATION_METHODS, AblationCancelled, Component, ablate, ablation_sweep
+from analysis.ablation import (
+    MAX_REFERENCE_PROMPTS,
+    AblationCancelled,
+    Component,
+    ablate,
+    ablation_sweep,
+)
 from analysis.settings import get_settings
 from components.ablation import (
     ablate_token_class,
+    change_grid,
     make_ablate_token_strip,
+    make_attention_change_heatmap,
     make_delta_loss_figure,
     make_layer_sweep_heatmap,
     make_loss_figure,
+    make_pattern_comparison,
     make_prediction_table,
     make_sweep_heatmap,
+    parse_change_click,
     prediction_rows,
 )
 from components.alerts import alert_update, make_error_alert
+from components.download import make_figure_download
 from components.heatmaps import make_empty_figure
+from components.jobs import limited_job
 from components.prompt_panel import (
     DEFAULT_PROMPT,
     PromptPanelIds,
@@ -76,6 +91,13 @@ COMPONENTS = "ablate-components"
 POSITIONS = "ablate-positions"
 METHOD = "ablate-method"
 SOURCE = "ablate-source"
+SOURCE_BOX = "ablate-source-box"
+REFERENCES = "ablate-references"
+REFERENCES_BOX = "ablate-references-box"
+ABLATION = "ablate-ablation"
+ATTN_CHANGE = "ablate-attention-change"
+ATTN_HEAD = "ablate-attention-head"
+ATTN_SELECTED = "ablate-attention-selected"
 RUN = "ablate-run"
 STRIP = "ablate-token-strip"
 TOKEN_CHIP = "ablate-token"
@@ -92,9 +114,11 @@ SWEEP_HEADS = "ablate-sweep-heads"
 SWEEP_LAYERS = "ablate-sweep-layers"
 SWEEP_SELECTED = "ablate-sweep-selected"
 
+# The page's methods; "reference" is the analysis's "mean" with reference prompts.
 METHOD_TITLES = {
     "zero": "zero",
     "mean": "mean over the prompt",
+    "reference": "mean over reference prompts",
     "resample": "resample from another prompt",
 }
 _COMPONENT = re.compile(r"^L(\d+)\s*(?:H(\d+)|(attn|mlp))$", re.IGNORECASE)
@@ -156,6 +180,38 @@ def parse_positions(text: str | None) -> tuple[int, ...] | None:
     return tuple(sorted(positions)) or None
 
 
+def parse_references(text: str | None) -> tuple[str, ...]:
+    """The reference prompts typed one per line (blank lines skipped), for the mean ablation."""
+    references = tuple(line.strip() for line in str(text or "").splitlines() if line.strip())
+    if not references:
+        raise ValueError(
+            "mean over reference prompts needs some: type one prompt per line in the box "
+            "under the methods"
+        )
+    if len(references) > MAX_REFERENCE_PROMPTS:
+        raise ValueError(
+            f"{len(references)} reference prompts is too many: the mean runs the model once per "
+            f"prompt, so keep at most {MAX_REFERENCE_PROMPTS} lines"
+        )
+    return references
+
+
+def method_arguments(method: object, source: str | None, references: str | None) -> dict:
+    """The page's method as :func:`analysis.ablation.ablate` arguments; ValueError naming what
+    is missing."""
+    if method not in METHOD_TITLES:
+        raise ValueError(f"choose a method: {', '.join(METHOD_TITLES.values())}")
+    if method == "resample" and not (source or "").strip():
+        raise ValueError(
+            "resample needs a source prompt: type one with as many tokens as the prompt"
+        )
+    return {
+        "method": "mean" if method == "reference" else method,
+        "source_prompt": source if method == "resample" else None,
+        "reference_prompts": list(parse_references(references)) if method == "reference" else None,
+    }
+
+
 def _as_list(value: object) -> list[str]:
     if value is None:
         return []
@@ -173,12 +229,13 @@ def parse_query(query: dict) -> dict:
         "prompt": read.text("prompt") or DEFAULT_PROMPT,
         "components": _as_list(read.text("components")),
         "positions": read.text("positions") or "",
-        "method": method if method in ABLATION_METHODS else "zero",
+        "method": method if method in METHOD_TITLES else "zero",
         "source": read.text("source") or "",
+        "references": read.text("references") or "",
     }
 
 
-def page_search(model, prompt, components, positions, method, source) -> str:
+def page_search(model, prompt, components, positions, method, source, references="") -> str:
     """The query string that reopens this ablation."""
     params = {"model": model, "prompt": prompt, "method": method}
     if components:
@@ -187,17 +244,20 @@ def page_search(model, prompt, components, positions, method, source) -> str:
         params["positions"] = positions
     if method == "resample" and source:
         params["source"] = source
+    if method == "reference" and references:
+        params["references"] = references
     return "?" + urlencode(params)
 
 
 # --- Layout ------------------------------------------------------------------------------------
 
 
-def _graph(graph_id: str, message: str, height: int = 300) -> dcc.Loading:
+def _graph(graph_id: str, message: str, height: int = 300) -> html.Div:
     figure = make_empty_figure(message, height=height)
-    return dcc.Loading(
+    graph = dcc.Loading(
         dcc.Graph(id=graph_id, figure=figure, config=_GRAPH_CONFIG), delay_show=400, type="circle"
     )
+    return html.Div([graph, make_figure_download(graph_id)])
 
 
 def _hint(text: str) -> html.Small:
@@ -235,13 +295,31 @@ def _controls(state: dict) -> html.Div:
                 inline=True,
                 class_name="small mb-2",
             ),
-            dbc.Textarea(
-                id=SOURCE,
-                value=state["source"],
-                rows=2,
-                placeholder="Resample source: a prompt with as many tokens as the one on the left",
-                class_name="font-monospace small mb-2",
-                spellcheck=False,
+            html.Div(
+                dbc.Textarea(
+                    id=SOURCE,
+                    value=state["source"],
+                    rows=2,
+                    placeholder="Resample source: a prompt with as many tokens as the one on "
+                    "the left",
+                    class_name="font-monospace small mb-2",
+                    spellcheck=False,
+                ),
+                id=SOURCE_BOX,
+                hidden=state["method"] != "resample",
+            ),
+            html.Div(
+                dbc.Textarea(
+                    id=REFERENCES,
+                    value=state["references"],
+                    rows=3,
+                    placeholder="Reference prompts, one per line: the mean is taken over every "
+                    f"token of them (at most {MAX_REFERENCE_PROMPTS})",
+                    class_name="font-monospace small mb-2",
+                    spellcheck=False,
+                ),
+                id=REFERENCES_BOX,
+                hidden=state["method"] != "reference",
             ),
             dbc.Button("Ablate", id=RUN, color="primary", n_clicks=0),
         ]
@@ -287,6 +365,8 @@ def layout(**query) -> html.Div:
             dcc.Store(id=FAILURES, data=[]),
             dcc.Store(id=CHOSEN, data=[]),
             dcc.Store(id=SWEEP),
+            dcc.Store(id=ABLATION),
+            dcc.Store(id=ATTN_SELECTED),
             make_error_alert(ALERT),
             dbc.Row(
                 [
@@ -327,6 +407,19 @@ def layout(**query) -> html.Div:
                     ),
                 ]
             ),
+            make_card(
+                "Downstream attention: what the ablation changed",
+                dbc.Row(
+                    [
+                        dbc.Col(_graph(ATTN_CHANGE, "Ablate to see which heads moved.", 260), lg=4),
+                        dbc.Col(_graph(ATTN_HEAD, "Then click a head.", 420), lg=8),
+                    ]
+                ),
+                extra=_hint(
+                    "Mean total-variation distance of each query's attention; click a head "
+                    "for its pattern before and after"
+                ),
+            ),
             sweep,
         ]
     )
@@ -337,12 +430,12 @@ def layout(**query) -> html.Div:
 register_example_callback(PANEL)
 
 
-def summary_text(result, model: str) -> str:
-    """One plain-text line on what was ablated and what it did."""
+def summary_text(result, model: str, method: str | None = None) -> str:
+    """One plain-text line on what was ablated and what it did (``method``: the page's)."""
     what = ", ".join(c.label for c in result.components) or "nothing"
     failures = result.failure_tokens
     return (
-        f"Ablated {what} ({METHOD_TITLES[result.method]}) on {model}: mean loss "
+        f"Ablated {what} ({METHOD_TITLES[method or result.method]}) on {model}: mean loss "
         f"{float(np.mean(result.loss_before)):.3f} → {float(np.mean(result.loss_after)):.3f} "
         f"(Δ {result.delta_mean_loss:+.3f}); {len(failures)} memory failure"
         f"{'' if len(failures) == 1 else 's'}"
@@ -369,6 +462,7 @@ def summary_text(result, model: str) -> str:
     Output(ALERT, "is_open"),
     Output(URL, "search"),
     Output(LAST_ANALYSIS_STORE, "data"),
+    Output(ABLATION, "data"),
     Input(PANEL.analyse, "n_clicks"),
     Input(RUN, "n_clicks"),
     # State, not Input: this callback also writes the app-wide last-analysis store, and an
@@ -381,16 +475,27 @@ def summary_text(result, model: str) -> str:
     State(METHOD, "value"),
     State(SOURCE, "value"),
     State(CHOSEN, "data"),
+    State(REFERENCES, "value"),
 )
 def run_ablation(
-    analyse_clicks, run_clicks, dark, prompt, model, components, positions, method, source, chosen
+    analyse_clicks,
+    run_clicks,
+    dark,
+    prompt,
+    model,
+    components,
+    positions,
+    method,
+    source,
+    chosen,
+    references=None,
 ):
     """Analyse the prompt and ablate the chosen components: loss, Δloss, predictions, failures."""
     dark = bool(dark)
 
     def refuse(message: str):
         logger.info("ablation refused: %s", message)
-        return (*[no_update] * 9, *alert_update(message), no_update, no_update)
+        return (*[no_update] * 9, *alert_update(message), *[no_update] * 3)
 
     # Read the user's choices, then the prompt (a cache hit when analysed before).
     try:
@@ -399,18 +504,8 @@ def run_ablation(
         chosen_components = [parse_component(text, at) for text in _as_list(components)]
         for component in chosen_components:
             component.check(pa.n_layers, pa.n_heads, pa.n_pos)
-        if method not in ABLATION_METHODS:
-            raise ValueError(f"choose a method: {', '.join(ABLATION_METHODS)}")
-        if method == "resample" and not (source or "").strip():
-            raise ValueError(
-                "resample needs a source prompt: type one with as many tokens as the prompt"
-            )
-        result = ablate(
-            pa,
-            chosen_components,
-            method=method,
-            source_prompt=source if method == "resample" else None,
-        )
+        arguments = method_arguments(method, source, references)
+        result = ablate(pa, chosen_components, **arguments)
     except (ValueError, AblationCancelled) as exc:
         return refuse(str(exc))
 
@@ -442,16 +537,106 @@ def run_ablation(
         ),
         failures,
         chosen,
-        summary_text(result, model),
+        summary_text(result, model, method),
         make_loss_figure(
             str_tokens, result.loss_before, result.loss_after, result.failures, dark=dark
         ),
         make_delta_loss_figure(str_tokens, result.delta_loss, title="Δloss", dark=dark),
         make_prediction_table(rows),
         *alert_update(None),
-        page_search(model, prompt, words, (positions or "").strip(), method, source),
+        page_search(
+            model, prompt, words, (positions or "").strip(), method, source, references or ""
+        ),
         {"model": model, "prompt": prompt},
+        {
+            "model": model,
+            "prompt": prompt,
+            "components": [c.to_key() for c in chosen_components],
+            **arguments,
+        },
     )
+
+
+@callback(
+    Output(SOURCE_BOX, "hidden"),
+    Output(REFERENCES_BOX, "hidden"),
+    Input(METHOD, "value"),
+)
+def show_method_inputs(method):
+    """The resample source box for resample, the reference prompts box for the reference mean."""
+    return method != "resample", method != "reference"
+
+
+def _open_ablation(request: dict):
+    """The ablation a run stored (a cache read, no forward pass) and its prompt's tokens."""
+    pa = analysis.analyze(request["prompt"], request["model"])
+    components = [Component.from_key(key) for key in request["components"]]
+    return ablate(
+        pa,
+        components,
+        method=request["method"],
+        source_prompt=request["source_prompt"],
+        reference_prompts=request["reference_prompts"],
+    )
+
+
+@callback(
+    Output(ATTN_CHANGE, "figure"),
+    Output(ATTN_HEAD, "figure"),
+    Output(ATTN_SELECTED, "data"),
+    Input(ABLATION, "data"),
+    Input(ATTN_CHANGE, "clickData"),
+    Input(COLOR_MODE_SWITCH, "value"),
+    State(ATTN_SELECTED, "data"),
+    State(ANALYSIS, "data"),
+    prevent_initial_call=True,
+)
+def show_downstream_attention(request, click, dark, selected, data):
+    """Layer × head map of how far attention moved; the chosen head before, after and Δ."""
+    dark = bool(dark)
+    if not request:
+        empty = make_empty_figure("Ablate to see which heads moved.", dark=dark, height=260)
+        return empty, make_empty_figure("Then click a head.", dark=dark, height=420), None
+    try:
+        result = _open_ablation(request)
+    except (ValueError, AblationCancelled) as exc:
+        return make_empty_figure(str(exc), dark=dark), no_update, None
+
+    # A click picks a head; a new ablation picks the head that moved most.
+    layers = result.attention_layers
+    change = result.attention_change()
+    n_layers = (data or {}).get("n_layers") or (max(layers, default=0) + 1)
+    picked = parse_change_click(click) if ctx.triggered_id == ATTN_CHANGE else None
+    if picked is None and ctx.triggered_id != ABLATION and selected:
+        picked = tuple(selected)
+    if picked is None or picked[0] not in layers:
+        picked = None
+        if layers:
+            row, head = np.unravel_index(int(np.argmax(change)), change.shape)
+            picked = (layers[int(row)], int(head))
+
+    grid = change_grid(change, layers, int(n_layers))
+    heatmap = make_attention_change_heatmap(
+        grid, selected=picked, title="attention moved, per head", dark=dark
+    )
+    if picked is None:
+        last = max((c.layer for c in result.components), default=None)
+        message = (
+            "Ablate a component to see its effect on later heads."
+            if last is None
+            else f"No attention is downstream of layer {last}: it is the last layer."
+        )
+        return heatmap, make_empty_figure(message, dark=dark, height=420), None
+    layer, head = picked
+    index = layers.index(layer)
+    patterns = make_pattern_comparison(
+        result.attention_before[index, head],
+        result.attention_after[index, head],
+        result.str_tokens,
+        title=f"L{layer}H{head}: attention before and after the ablation",
+        dark=dark,
+    )
+    return heatmap, patterns, [layer, head]
 
 
 @callback(
@@ -503,18 +688,16 @@ def _selected_figure(sweep, chosen: list[int], dark: bool):
     )
 
 
-def _sweep_request(data: dict, method, source, positions) -> dict:
+def _sweep_request(data: dict, method, source, positions, references=None) -> dict:
     """Checked arguments of a sweep, as primitives (they go in the SWEEP store)."""
-    if method not in ABLATION_METHODS:
-        raise ValueError(f"choose a method: {', '.join(ABLATION_METHODS)}")
-    if method == "resample" and not (source or "").strip():
-        raise ValueError("resample needs a source prompt with as many tokens as the prompt")
+    arguments = method_arguments(method, source, references)
     at = parse_positions(positions)
     return {
         "model": data["model"],
         "prompt": data["prompt"],
-        "method": method,
-        "source": source if method == "resample" else None,
+        "method": arguments["method"],
+        "source": arguments["source_prompt"],
+        "references": arguments["reference_prompts"],
         "positions": None if at is None else list(at),
     }
 
@@ -525,6 +708,7 @@ def _open_sweep(request: dict, chosen=None, progress=None):
         pa,
         method=request["method"],
         source_prompt=request["source"],
+        reference_prompts=request.get("references"),
         positions=request["positions"],
         selected_tokens=chosen or None,
         progress=progress,
@@ -545,6 +729,7 @@ def _open_sweep(request: dict, chosen=None, progress=None):
     State(POSITIONS, "value"),
     State(CHOSEN, "data"),
     State(COLOR_MODE_SWITCH, "value"),
+    State(REFERENCES, "value"),
     background=True,
     progress=[
         Output(SWEEP_PROGRESS, "value"),
@@ -559,13 +744,16 @@ def _open_sweep(request: dict, chosen=None, progress=None):
     cancel=[Input(SWEEP_CANCEL, "n_clicks")],
     prevent_initial_call=True,
 )
-def run_sweep(set_progress, n_clicks, data, method, source, positions, chosen, dark):
+@limited_job(lambda message: (*[no_update] * 4, *alert_update(message)))
+def run_sweep(
+    set_progress, n_clicks, data, method, source, positions, chosen, dark, references=None
+):
     """Ablate every head, attention layer and MLP layer alone; heatmaps of Δ mean loss."""
     dark = bool(dark)
     if not data:
         return *[no_update] * 4, *alert_update("Analyse a prompt first: the sweep runs on it.")
     try:
-        request = _sweep_request(data, method, source, positions)
+        request = _sweep_request(data, method, source, positions, references)
         sweep = _open_sweep(
             request,
             chosen,

@@ -222,6 +222,20 @@ def test_mean_over_reference_prompts_weights_every_token_equally(pa, loaded):
     np.testing.assert_allclose(result.loss_after, expected, atol=ATOL)
 
 
+def test_mean_over_the_prompt_as_its_own_reference_equals_the_mean_over_its_positions(pa):
+    # The reference prompt is tokenized with the analysis's options, so the prompt as its own
+    # one-prompt reference set averages exactly the positions the default mean averages.
+    components = [Component("attn", 0), Component("mlp", 1, None, (3, 4))]
+    own = ablate(pa, components, method="mean")
+    referenced = ablate(pa, components, method="mean", reference_prompts=[PROMPT])
+    np.testing.assert_allclose(referenced.loss_after, own.loss_after, atol=ATOL)
+    np.testing.assert_allclose(referenced.attention_after, own.attention_after, atol=ATOL)
+
+    # A different reference set gives a different mean, so the equality above can fail.
+    other = ablate(pa, components, method="mean", reference_prompts=[OTHER_PROMPT, "Hi"])
+    assert np.abs(other.loss_after - own.loss_after).max() > 10 * ATOL
+
+
 def test_resample_from_the_same_prompt_is_a_no_op(pa):
     components = [Component("head", 0, 0), Component("attn", 1), Component("mlp", 0)]
     result = ablate(pa, components, method="resample", source_prompt=PROMPT)
@@ -268,8 +282,20 @@ def test_downstream_attention_is_that_of_the_ablated_run(biased_model_dir, store
     )
     assert np.abs(result.attention_delta(1)).max() > 10 * ATOL
 
+    # Attention change: the total-variation distance of each query row, averaged over queries.
+    after, before = patterns["after"].numpy(), pa.attention(1)
+    rows_tv = [
+        [0.5 * sum(abs(after[h, q] - before[h, q])) for q in range(pa.n_pos)]
+        for h in range(pa.n_heads)
+    ]
+    change = result.attention_change()
+    assert change.shape == (1, pa.n_heads)
+    np.testing.assert_allclose(change[0], np.mean(rows_tv, axis=1), atol=ATOL * pa.n_pos)
+    assert change.max() > 10 * ATOL and (change <= 1 + ATOL).all()
+
     # An ablation in the last layer has nothing downstream.
-    assert ablate(pa, Component("head", 1, 0)).attention_layers == ()
+    last = ablate(pa, Component("head", 1, 0))
+    assert last.attention_layers == () and last.attention_change().shape == (0, pa.n_heads)
     with pytest.raises(ValueError, match="not downstream"):
         result.attention_delta(0)
 
@@ -375,6 +401,8 @@ def test_selected_views_average_only_the_selected_tokens(pa):
         ({"method": "noise"}, "method must be one of"),
         ({"method": "resample"}, "needs source_prompt"),
         ({"method": "mean", "reference_prompts": []}, "reference_prompts is empty"),
+        ({"method": "mean", "reference_prompts": ["Fine", " \n"]}, "reference prompt 2: .*empty"),
+        ({"method": "mean", "reference_prompts": ["a"] * 65}, "at most 64"),
         ({"positions": [99]}, "position 99 is out of range"),
     ],
 )

@@ -7,18 +7,17 @@ records what the progress bar would show.
 from __future__ import annotations
 
 import json
+import re
 from urllib.parse import parse_qs
 
 import numpy as np
 import pytest
 from dash import no_update
-from dash._callback_context import context_value
-from dash._utils import AttributeDict
 
 import analysis
 from analysis.ablation import Component, ablate, ablation_sweep
 from components.ablation import CHOSEN_CLASS, FAILURE_CLASS
-from tests.conftest import ATOL
+from tests.conftest import ATOL, in_callback
 
 MODEL = analysis.DEMO_MODEL
 PROMPT = "The cat sat on the mat. The cat sat on the mat."
@@ -36,6 +35,7 @@ OUTPUTS = (
     "alert_open",
     "search",
     "last",
+    "ablation",
 )
 
 
@@ -47,11 +47,36 @@ def page(memlens_app, cache_dir):
     return page
 
 
-def run(page, components=(), *, method="zero", positions="", source="", prompt=PROMPT, chosen=()):
+def run(
+    page,
+    components=(),
+    *,
+    method="zero",
+    positions="",
+    source="",
+    prompt=PROMPT,
+    chosen=(),
+    references="",
+):
     values = page.run_ablation(
-        0, 1, False, prompt, MODEL, list(components), positions, method, source, list(chosen)
+        0,
+        1,
+        False,
+        prompt,
+        MODEL,
+        list(components),
+        positions,
+        method,
+        source,
+        list(chosen),
+        references,
     )
     return dict(zip(OUTPUTS, values, strict=True))
+
+
+def triggered(prop_id: str) -> None:
+    """Make ``ctx.triggered_id`` of the next callback call ``prop_id``'s component."""
+    in_callback(prop_id)
 
 
 def trace(figure, name: str) -> np.ndarray:
@@ -117,15 +142,22 @@ def test_components_at_positions_and_every_method_run(page):
         (["L0H0"], "999", "zero", "", "position 999 is out of range"),
         (["L0H0"], "", "resample", "", "needs a source prompt"),
         (["L0H0"], "", "resample", "Too short.", "tokens"),
+        (["L0H0"], "", "reference", "", "needs some: type one prompt per line"),
+        (["L0H0"], "", "reference", "ok\n\x07bell", "reference prompt 2: .*control character"),
+        (["L0H0"], "", "reference", "a\n" * 65, "at most 64 lines"),
+        (["L0H0"], "", "median", "", "choose a method"),
     ],
 )
 def test_bad_input_gives_an_alert_not_an_exception(
     page, components, positions, method, source, message
 ):
-    out = run(page, components, positions=positions, method=method, source=source)
+    references = source if method == "reference" else ""
+    out = run(
+        page, components, positions=positions, method=method, source=source, references=references
+    )
 
     assert out["alert_open"] is True
-    assert message in out["alert"]
+    assert re.search(message, out["alert"]), out["alert"]
     assert out["loss"] is no_update and out["search"] is no_update
 
 
@@ -141,8 +173,15 @@ def test_the_url_reopens_the_same_ablation(page):
         "positions": "4",
         "method": "mean",
         "source": "",
+        "references": "",
     }
     assert page.parse_query({"method": "<script>"})["method"] == "zero"
+
+    references = "The dog ran.\nA cat sat on a mat."
+    out = run(page, ["L0H1"], method="reference", references=references)
+    query = {key: values[0] for key, values in parse_qs(out["search"][1:]).items()}
+    state = page.parse_query(query)
+    assert (state["method"], state["references"]) == ("reference", references)
 
 
 def test_user_text_reaches_the_page_only_as_text(page):
@@ -165,16 +204,7 @@ def test_user_text_reaches_the_page_only_as_text(page):
 
 def test_clicking_tokens_toggles_them_and_restyles_the_strip(page):
     def click(position, chosen):
-        context_value.set(
-            AttributeDict(
-                triggered_inputs=[
-                    {
-                        "prop_id": json.dumps({"index": position, "type": page.TOKEN_CHIP})
-                        + ".n_clicks"
-                    }
-                ]
-            )
-        )
+        in_callback(json.dumps({"index": position, "type": page.TOKEN_CHIP}) + ".n_clicks")
         return page.toggle_token([1], chosen)
 
     chosen = click(5, [])
@@ -229,3 +259,93 @@ def test_component_words_round_trip(page):
     for word in ("L0H3", "L2attn", "L1mlp"):
         assert page.component_value(page.parse_component(word)) == word
     assert page.parse_component("l1 MLP") == Component("mlp", 1)
+
+
+def test_mean_over_reference_prompts_is_the_analysis_mean_over_those_prompts(page):
+    # Blank lines are skipped and each line is stripped.
+    typed = "The dog ran to the car.\n\n  A bird flew over the house.  \n"
+    references = ["The dog ran to the car.", "A bird flew over the house."]
+    out = run(page, ["L0attn"], method="reference", references=typed)
+    direct = ablate(
+        analysis.analyze(PROMPT, MODEL),
+        Component("attn", 0),
+        method="mean",
+        reference_prompts=references,
+    )
+    own_mean = run(page, ["L0attn"], method="mean")
+
+    assert out["alert_open"] is False, out["alert"]
+    np.testing.assert_allclose(trace(out["loss"], "after"), direct.loss_after, atol=ATOL)
+    assert np.abs(trace(own_mean["loss"], "after") - direct.loss_after).max() > 10 * ATOL
+    assert "mean over reference prompts" in out["summary"]
+    assert out["ablation"]["reference_prompts"] == references
+
+
+def test_only_the_chosen_method_shows_its_text_box(page):
+    assert page.show_method_inputs("resample") == (False, True)
+    assert page.show_method_inputs("reference") == (True, False)
+    assert page.show_method_inputs("zero") == (True, True)
+
+
+def test_downstream_attention_map_and_the_clicked_heads_patterns(page):
+    out = run(page, ["L0H1"])
+    request, n_layers = out["ablation"], out["data"]["n_layers"]
+    result = ablate(analysis.analyze(PROMPT, MODEL), Component("head", 0, 1))
+    change = result.attention_change()
+
+    # A new ablation shows the head whose attention moved most.
+    triggered(f"{page.ABLATION}.data")
+    heatmap, patterns, selected = page.show_downstream_attention(
+        request, None, False, None, out["data"]
+    )
+    z = np.asarray(heatmap.data[0].z, dtype=np.float32)
+    assert z.shape == (n_layers, out["data"]["n_heads"])
+    assert np.isnan(z[0]).all()  # layer 0 is not downstream of its own head
+    np.testing.assert_allclose(z[1:], change, atol=ATOL)
+    row, head = np.unravel_index(int(np.argmax(change)), change.shape)
+    assert selected == [result.attention_layers[row], int(head)]
+
+    # Clicking a head shows that head before, after, and the change.
+    click = {"points": [{"x": heatmap.data[0].x[2], "y": heatmap.data[0].y[1]}]}
+    triggered(f"{page.ATTN_CHANGE}.clickData")
+    _, patterns, selected = page.show_downstream_attention(
+        request, click, False, selected, out["data"]
+    )
+    assert selected == [1, 2]
+    index = result.attention_layers.index(1)
+    before, after = result.attention_before[index, 2], result.attention_after[index, 2]
+    causal = np.tril(np.ones_like(before, dtype=bool))
+    for trace_, expected in zip(patterns.data, [before, after, after - before], strict=True):
+        np.testing.assert_allclose(np.asarray(trace_.z)[causal], expected[causal], atol=ATOL)
+
+    # Switching dark mode keeps the clicked head.
+    triggered("app-color-mode.value")
+    _, _, kept = page.show_downstream_attention(request, click, True, selected, out["data"])
+    assert kept == [1, 2]
+
+
+def test_an_ablation_in_the_last_layer_has_no_downstream_attention(page):
+    out = run(page, ["L1mlp"])
+    triggered(f"{page.ABLATION}.data")
+    heatmap, patterns, selected = page.show_downstream_attention(
+        out["ablation"], None, False, None, out["data"]
+    )
+
+    assert selected is None
+    assert np.isnan(np.asarray(heatmap.data[0].z, dtype=np.float32)).all()
+    assert "last layer" in patterns.layout.annotations[0].text
+
+
+def test_sweep_with_reference_prompts_uses_them(page):
+    data = run(page)["data"]
+    references = "The dog ran to the car.\nA bird flew over the house."
+    out = page.run_sweep(lambda _: None, 1, data, "reference", "", "", [], False, references)
+
+    assert out[-1] is False, out[-2]
+    sweep = ablation_sweep(
+        analysis.analyze(PROMPT, MODEL),
+        method="mean",
+        reference_prompts=references.split("\n"),
+    )
+    np.testing.assert_allclose(np.asarray(out[0].data[0].z), sweep.head_delta, atol=ATOL)
+    assert out[3]["references"] == references.split("\n")
