@@ -76,6 +76,11 @@ class ReportInputs:
     resid_norms: np.ndarray | None = None
     lens_rank: np.ndarray | None = None
 
+    @property
+    def prompts(self) -> tuple[str, ...]:
+        """The prompt, as the one-item tuple a report of several prompts would have."""
+        return (self.prompt,)
+
     def settings(self) -> dict:
         """The choices that made this report, for the manifest."""
         return {
@@ -83,6 +88,15 @@ class ReportInputs:
             "heads": None if self.heads is None else list(self.heads),
             "analysis_options": dict(self.options),
         }
+
+    def facts(self) -> list[tuple[str, str]]:
+        """``(label, value)`` rows that say what the report shows, for its HTML page."""
+        heads = "all (grid)" if self.heads is None else ", ".join(map(str, self.heads))
+        return [
+            ("Tokens", str(len(self.str_tokens))),
+            ("Layers shown", ", ".join(map(str, self.layers))),
+            ("Heads shown", heads),
+        ]
 
 
 def _check_indices(values: Sequence[int] | None, count: int, what: str) -> tuple[int, ...] | None:
@@ -293,8 +307,11 @@ def slug(text: str, *, max_length: int = 40) -> str:
     return cleaned[-max_length:].lstrip("-.") or "x"
 
 
-def bundle_filename(model_id: str, prompt: str, created: datetime | None = None) -> str:
-    """``memlens-<model>-<prompt hash>-<UTC time>.zip``, unique per prompt and second."""
+def bundle_filename(
+    model_id: str, prompt: str | Sequence[str], created: datetime | None = None
+) -> str:
+    """``memlens-<model>-<prompt hash>-<UTC time>.zip``, unique per prompt(s) and second."""
     stamp = utc_timestamp(created).replace("-", "").replace(":", "")
     model = slug(Path(model_id).name if os.sep in model_id else model_id)
-    return f"memlens-{model}-{sha256_hex(prompt.encode())[:8]}-{stamp}.zip"
+    text = prompt if isinstance(prompt, str) else "\n".join(prompt)
+    return f"memlens-{model}-{sha256_hex(text.encode())[:8]}-{stamp}.zip"

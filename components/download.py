@@ -32,12 +32,13 @@ import numpy as np
 import plotly.graph_objects as go
 from dash import MATCH, Input, Output, State, callback, clientside_callback, dcc, html, no_update
 
-from analysis.bundle import ReportInputs, slug
+from analysis.bundle import slug
 from components.export import (
     DEFAULT_SCALE,
     FORMATS,
     IMAGE_FORMATS,
     ExportUnavailableError,
+    Report,
     send_bundle,
     send_figure,
 )
@@ -358,15 +359,16 @@ def report_message(text: str | None, *, warning: bool = False) -> html.Span | st
     return html.Span(text, className="text-warning-emphasis" if warning else "text-danger")
 
 
-def report_download(collect: Callable[[], ReportInputs]) -> tuple[dict | None, html.Span | str]:
+def report_download(collect: Callable[[], Report]) -> tuple[dict | None, html.Span | str]:
     """``(dcc.Download payload, message)`` of a report bundle; the payload is None on error.
 
     When PNG and SVG cannot be made here (no kaleido or Chromium) the report is built without
     them and the message says so.
 
     Args:
-        collect: Returns the page's :class:`~analysis.bundle.ReportInputs`; raises ValueError
-            with a message for the user when there is nothing to report.
+        collect: Returns the page's report (:class:`~analysis.bundle.ReportInputs` or
+            :class:`~components.export.FigureReport`); raises ValueError with a message for the
+            user when there is nothing to report.
     """
     try:
         inputs = collect()
@@ -388,7 +390,7 @@ def report_download(collect: Callable[[], ReportInputs]) -> tuple[dict | None, h
 
 
 def register_report_download(
-    ids: ReportDownloadIds, states: Sequence[State], collect: Callable[..., ReportInputs]
+    ids: ReportDownloadIds, states: Sequence[State], collect: Callable[..., Report]
 ) -> Callable:
     """Make the page's report button build and send a bundle; call once, at import.
 
@@ -398,7 +400,7 @@ def register_report_download(
     Args:
         ids: The page's :class:`ReportDownloadIds`.
         states: What ``collect`` needs, as ``State``s.
-        collect: ``collect(*state_values)`` returns the :class:`~analysis.bundle.ReportInputs`
+        collect: ``collect(*state_values)`` returns the report (see :func:`report_download`)
             or raises ValueError with a message for the user.
 
     Returns:

@@ -32,7 +32,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -614,6 +614,50 @@ class ReportFigure:
     figure: go.Figure
 
 
+@dataclass(frozen=True)
+class FigureReport:
+    """A report of figures a page has built itself, with what made them.
+
+    For pages whose views are not one prompt's attention and retention (Compare, Ablate): their
+    bundle holds exactly these figures. :class:`~analysis.bundle.ReportInputs` is the other kind
+    of report, whose figures :func:`report_figures` builds.
+
+    Attributes:
+        model_id: The model's id.
+        fingerprint: Short hash of its weights.
+        prompts: The prompt(s) the figures show.
+        figures: The figures, in report order; each ``name`` is unique.
+        options: The page's choices that made them (layer, head, method, ...), for the manifest.
+        facts: ``(label, value)`` rows for the head of ``report.html``.
+        prompt_labels: A heading per prompt in ``report.html`` (``"Prompt"``, ``"Prompt 2"``, ...
+            when empty).
+    """
+
+    model_id: str
+    fingerprint: str
+    prompts: tuple[str, ...]
+    figures: tuple[ReportFigure, ...]
+    options: dict = field(default_factory=dict)
+    facts: tuple[tuple[str, str], ...] = ()
+    prompt_labels: tuple[str, ...] = ()
+
+    def settings(self) -> dict:
+        """The choices that made this report, for the manifest."""
+        return dict(self.options)
+
+
+Report = ReportInputs | FigureReport
+
+
+def _prompt_headings(report: Report) -> list[str]:
+    labels = list(getattr(report, "prompt_labels", ()))
+    if len(labels) == len(report.prompts):
+        return labels
+    if len(report.prompts) == 1:
+        return ["Prompt"]
+    return [f"Prompt {index}" for index in range(1, len(report.prompts) + 1)]
+
+
 def report_figures(inputs: ReportInputs, *, dark: bool = False) -> list[ReportFigure]:
     """The figures of a report bundle, in report order.
 
@@ -675,23 +719,25 @@ def report_figures(inputs: ReportInputs, *, dark: bool = False) -> list[ReportFi
 
 
 def report_html(
-    figures: Sequence[ReportFigure], inputs: ReportInputs, *, created: str, version: str
+    figures: Sequence[ReportFigure], inputs: Report, *, created: str, version: str
 ) -> bytes:
     """One standalone, offline HTML page of every figure; plotly.js is included once."""
     from plotly.offline import get_plotlyjs
 
-    heads = "all (grid)" if inputs.heads is None else ", ".join(map(str, inputs.heads))
+    facts = inputs.facts() if isinstance(inputs, ReportInputs) else list(inputs.facts)
     rows = [
         ("Model", inputs.model_id),
         ("Weights fingerprint", inputs.fingerprint),
-        ("Tokens", str(len(inputs.str_tokens))),
-        ("Layers shown", ", ".join(map(str, inputs.layers))),
-        ("Heads shown", heads),
+        *facts,
         ("Created (UTC)", created),
         ("MemLens", version),
     ]
     table = "".join(
         f"<tr><th>{html.escape(key)}</th><td>{html.escape(value)}</td></tr>" for key, value in rows
+    )
+    prompts = "".join(
+        f"<h2>{html.escape(heading)}</h2>\n<pre>{html.escape(prompt)}</pre>\n"
+        for heading, prompt in zip(_prompt_headings(inputs), inputs.prompts, strict=True)
     )
     sections = []
     for index, item in enumerate(figures):
@@ -724,9 +770,7 @@ section {{ margin-top: 2rem; }}
 <body>
 <h1>MemLens report</h1>
 <table>{table}</table>
-<h2>Prompt</h2>
-<pre>{html.escape(inputs.prompt)}</pre>
-{"".join(sections)}
+{prompts}{"".join(sections)}
 </body>
 </html>
 """
@@ -752,7 +796,7 @@ def check_formats(formats: Iterable[str] | str) -> tuple[str, ...]:
 
 
 def build_bundle(
-    inputs: ReportInputs,
+    inputs: Report,
     *,
     formats: Iterable[str] = FORMATS,
     scale: float = DEFAULT_SCALE,
@@ -767,10 +811,10 @@ def build_bundle(
     ``data/`` (``.csv`` and ``.npz``), each file named after its figure.
 
     Args:
-        inputs: From :func:`analysis.bundle.collect_report`.
+        inputs: From :func:`analysis.bundle.collect_report`, or a page's :class:`FigureReport`.
         formats: Per-figure formats, a subset of :data:`FORMATS`.
         scale: Scale of PNG and SVG images.
-        dark: Use the dark templates.
+        dark: Use the dark templates (a :class:`FigureReport` keeps its figures' own).
         progress: Called as ``progress(done, total, file_name)`` after each file.
         created: Time recorded in the manifest and report (now if None).
 
@@ -785,7 +829,15 @@ def build_bundle(
     if any(fmt in IMAGE_FORMATS for fmt in formats):
         check_scale(scale)
         start_renderer()  # fail before any work when images cannot be made
-    figures = report_figures(inputs, dark=dark)
+    if isinstance(inputs, FigureReport):
+        figures = list(inputs.figures)
+        if not figures:
+            raise ValueError("there is no figure to report yet")
+        names = [item.name for item in figures]
+        if len(set(names)) < len(names):
+            raise ValueError(f"report figures need distinct names, got {names}")
+    else:
+        figures = report_figures(inputs, dark=dark)
     folders = {"png": "png", "svg": "svg", "html": "html", "csv": "data", "npz": "data"}
     total = len(figures) * len(formats) + 1
     files: dict[str, bytes] = {}
@@ -826,7 +878,7 @@ def build_bundle(
         files,
         model_id=inputs.model_id,
         fingerprint=inputs.fingerprint,
-        prompts=[inputs.prompt],
+        prompts=list(inputs.prompts),
         settings=settings,
         created=created,
     )
@@ -834,7 +886,7 @@ def build_bundle(
     return zip_files(files, manifest), manifest
 
 
-def write_bundle(inputs: ReportInputs, out_dir: Path | str, **options) -> Path:
+def write_bundle(inputs: Report, out_dir: Path | str, **options) -> Path:
     """Build a report bundle and write it atomically into ``out_dir`` (created if needed).
 
     Args:
@@ -851,17 +903,17 @@ def write_bundle(inputs: ReportInputs, out_dir: Path | str, **options) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     created = datetime.now(UTC)
     content, _ = build_bundle(inputs, created=created, **options)
-    name = bundle_filename(inputs.model_id, inputs.prompt, created)
+    name = bundle_filename(inputs.model_id, inputs.prompts, created)
     path = write_atomic(out_dir / name, content)
     logger.info("wrote report bundle %s (%.1f MB)", path, len(content) / 1e6)
     return path
 
 
-def send_bundle(inputs: ReportInputs, **options) -> dict:
+def send_bundle(inputs: Report, **options) -> dict:
     """A report bundle as a ``dcc.Download`` payload; ``options`` as for :func:`build_bundle`."""
     created = datetime.now(UTC)
     content, _ = build_bundle(inputs, created=created, **options)
-    name = bundle_filename(inputs.model_id, inputs.prompt, created)
+    name = bundle_filename(inputs.model_id, inputs.prompts, created)
     return dcc.send_bytes(content, name, MIME_TYPES["zip"])
 
 
@@ -873,6 +925,8 @@ __all__ = [
     "MAX_SCALE",
     "MIN_SCALE",
     "ExportUnavailableError",
+    "FigureReport",
+    "Report",
     "ReportFigure",
     "build_bundle",
     "check_formats",

@@ -51,7 +51,13 @@ from components.compare import (
     symmetric_range,
     token_axis_labels,
 )
-from components.download import make_figure_download
+from components.download import (
+    ReportDownloadIds,
+    make_figure_download,
+    make_report_download,
+    register_report_download,
+)
+from components.export import FigureReport, ReportFigure
 from components.heatmaps import MAX_HEAD_SIDE, make_attention_heatmap, make_empty_figure
 from components.prompt_panel import model_options
 from components.recent_menu import remember_view
@@ -102,6 +108,7 @@ RET_MEASURE = "compare-retention-measure"
 RET_A = "compare-retention-a"
 RET_B = "compare-retention-b"
 RET_DIFF = "compare-retention-diff"
+REPORT = ReportDownloadIds("compare")
 
 # A differs from B in one token that an induction head copies, so the pair is also a patching
 # example: the clean answer is " m" (of " mat"), the corrupted one " h" (of " hat").
@@ -275,7 +282,10 @@ def layout(**query) -> html.Div:
     )
     pair_tab = html.Div(
         [
-            html.Div(id=CAPTION, className="fw-semibold mb-2"),
+            html.Div(
+                [html.Div(id=CAPTION, className="fw-semibold"), make_report_download(REPORT)],
+                className="d-flex flex-wrap gap-2 align-items-center justify-content-between mb-2",
+            ),
             make_card(
                 "Tokens",
                 tokens,
@@ -608,6 +618,65 @@ def show_retention(data, measure, token, dark):
         )
     )
     return figures
+
+
+def report_inputs(data, layer, head, token, measure, dark) -> FigureReport:
+    """The side-by-side views as they are on screen, for a report bundle."""
+    if not data:
+        raise ValueError("compare two prompts first")
+    selected = _selection(data, layer, head)
+    if selected is None:
+        raise ValueError("choose a layer and a head first")
+    layer, head = selected
+    measure = measure if measure in RETENTION_TITLES else "cosine"
+
+    *attention, caption = show_attention(data, layer, head, token, dark)
+    retention = show_retention(data, measure, token, dark)
+    names = (
+        ("attention-a", f"Attention on A, L{layer} H{head}"),
+        ("attention-b", f"Attention on B, L{layer} H{head}"),
+        ("attention-a-minus-b", f"Attention A − B, L{layer} H{head}"),
+        ("retention-a", f"Retention on A ({RETENTION_SHORT[measure]})"),
+        ("retention-b", f"Retention on B ({RETENTION_SHORT[measure]})"),
+        ("retention-a-minus-b", f"Retention A − B ({RETENTION_SHORT[measure]})"),
+    )
+    figures = tuple(
+        ReportFigure(name, title, figure)
+        for (name, title), figure in zip(names, [*attention, *retention], strict=True)
+        if figure.data  # no tokens paired: the difference view is only a message
+    )
+
+    pa_a, _ = open_pair(data)
+    options = {
+        "layer": layer,
+        "head": head,
+        "token": token,
+        "align": data.get("align"),
+        "retention_measure": measure,
+    }
+    return FigureReport(
+        model_id=data["model"],
+        fingerprint=str(pa_a.meta.get("fingerprint", "")),
+        prompts=(data["prompt_a"], data["prompt_b"]),
+        figures=figures,
+        options=options,
+        facts=(("Compared", caption), ("Tokens paired", str(len(data["pairs"])))),
+        prompt_labels=("Prompt A (clean)", "Prompt B (corrupted)"),
+    )
+
+
+register_report_download(
+    REPORT,
+    [
+        State(COMPARED, "data"),
+        State(LAYER, "value"),
+        State(HEAD, "value"),
+        State(TOKEN, "data"),
+        State(RET_MEASURE, "value"),
+        State(COLOR_MODE_SWITCH, "value"),
+    ],
+    report_inputs,
+)
 
 
 # --- Token selection, URL and tabs -----------------------------------------------------------

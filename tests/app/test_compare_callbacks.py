@@ -378,3 +378,58 @@ def test_blocked_differences_keep_the_strongest_change_of_either_sign():
     blocked = signed_block_extreme(array, starts, starts)
 
     np.testing.assert_allclose(blocked, [[-0.5, 0.4], [0.0, -0.1]])
+
+
+# --- Report bundle ---------------------------------------------------------------------------
+
+
+def test_report_bundles_the_six_side_by_side_views_and_both_prompts(compare_page):
+    import io
+    import json
+    import zipfile
+
+    from components.export import build_bundle
+
+    data = compare(compare_page)["data"]
+    report = compare_page.report_inputs(data, "1", "2", None, "norm", False)
+
+    content, manifest = build_bundle(report, formats=["html", "csv"])
+
+    assert manifest["prompts"] == [PROMPT, CORRUPTED]
+    assert manifest["settings"]["layer"] == 1 and manifest["settings"]["head"] == 2
+    assert manifest["settings"]["retention_measure"] == "norm"
+    names = [item.name for item in report.figures]
+    assert names == [
+        "attention-a",
+        "attention-b",
+        "attention-a-minus-b",
+        "retention-a",
+        "retention-b",
+        "retention-a-minus-b",
+    ]
+    with zipfile.ZipFile(io.BytesIO(content)) as archive:
+        listed = {item["path"] for item in manifest["files"]}
+        assert set(archive.namelist()) == listed | {"manifest.json"}
+        assert json.loads(archive.read("manifest.json")) == manifest
+        page = archive.read("report.html").decode()
+    assert "Prompt B (corrupted)" in page and "The cat sat on the hat." in page
+    assert {f"html/{name}.html" for name in names} <= listed
+    # The attention CSV holds the chosen head's pattern on A, one row per cell.
+    pattern = analysis.analyze(PROMPT, MODEL).attention(1)[2]  # [q_pos, k_pos]
+    with zipfile.ZipFile(io.BytesIO(content)) as archive:
+        rows = archive.read("data/attention-a.csv").decode().splitlines()[1:]
+    z = np.array([float(row.rsplit(",", 1)[1] or "nan") for row in rows]).reshape(pattern.shape)
+    shown = np.isfinite(z)
+    np.testing.assert_allclose(z[shown], pattern[shown], atol=1e-3)
+    assert shown[np.tril_indices(len(pattern))].all()  # every causal cell is there
+
+
+def test_report_without_a_comparison_says_what_to_do(compare_page):
+    from components.download import report_download
+
+    payload, message = report_download(
+        lambda: compare_page.report_inputs(None, "0", "0", None, "cosine", False)
+    )
+
+    assert payload is None
+    assert "compare two prompts first" in str(message.children)
