@@ -57,7 +57,13 @@ from components.ablation import (
     prediction_rows,
 )
 from components.alerts import alert_update, make_error_alert
-from components.download import make_figure_download
+from components.download import (
+    ReportDownloadIds,
+    make_figure_download,
+    make_report_download,
+    register_report_download,
+)
+from components.export import FigureReport, ReportFigure
 from components.heatmaps import make_empty_figure
 from components.jobs import limited_job
 from components.prompt_panel import (
@@ -113,6 +119,7 @@ SWEEP = "ablate-sweep"
 SWEEP_HEADS = "ablate-sweep-heads"
 SWEEP_LAYERS = "ablate-sweep-layers"
 SWEEP_SELECTED = "ablate-sweep-selected"
+REPORT = ReportDownloadIds(PAGE)
 
 # The page's methods; "reference" is the analysis's "mean" with reference prompts.
 METHOD_TITLES = {
@@ -380,9 +387,15 @@ def layout(**query) -> html.Div:
                     dcc.Loading(html.Div(id=STRIP), delay_show=400),
                     html.Div(id=SUMMARY, className="small mt-2"),
                 ],
-                extra=_hint(
-                    "Red: prediction broke. Click tokens to choose them for the sweep. "
-                    "· is a space."
+                extra=html.Div(
+                    [
+                        _hint(
+                            "Red: prediction broke. Click tokens to choose them for the sweep. "
+                            "· is a space."
+                        ),
+                        make_report_download(REPORT),
+                    ],
+                    className="d-flex flex-wrap gap-3 align-items-center",
                 ),
             ),
             dbc.Row(
@@ -603,12 +616,20 @@ def show_downstream_attention(request, click, dark, selected, data):
         return make_empty_figure(str(exc), dark=dark), no_update, None
 
     # A click picks a head; a new ablation picks the head that moved most.
-    layers = result.attention_layers
-    change = result.attention_change()
-    n_layers = (data or {}).get("n_layers") or (max(layers, default=0) + 1)
     picked = parse_change_click(click) if ctx.triggered_id == ATTN_CHANGE else None
     if picked is None and ctx.triggered_id != ABLATION and selected:
         picked = tuple(selected)
+    n_layers = (data or {}).get("n_layers")
+    heatmap, patterns, picked = downstream_figures(result, picked, n_layers, dark)
+    return heatmap, patterns, None if picked is None else list(picked)
+
+
+def downstream_figures(result, picked, n_layers: int | None, dark: bool):
+    """``(change heatmap, pattern comparison, (layer, head) shown)``; ``picked`` None or not
+    downstream means the head whose attention moved most."""
+    layers = result.attention_layers
+    change = result.attention_change()
+    n_layers = n_layers or (max(layers, default=0) + 1)
     if picked is None or picked[0] not in layers:
         picked = None
         if layers:
@@ -636,7 +657,7 @@ def show_downstream_attention(request, click, dark, selected, data):
         title=f"L{layer}H{head}: attention before and after the ablation",
         dark=dark,
     )
-    return heatmap, patterns, [layer, head]
+    return heatmap, patterns, (layer, head)
 
 
 @callback(
@@ -702,17 +723,26 @@ def _sweep_request(data: dict, method, source, positions, references=None) -> di
     }
 
 
-def _open_sweep(request: dict, chosen=None, progress=None):
+def _open_sweep(request: dict, chosen=None, progress=None, *, cached_only: bool = False):
+    """The sweep a request names: from the cache, else computed (``cached_only``: else a
+    ValueError, so that a view never starts a long job)."""
     pa = analysis.analyze(request["prompt"], request["model"])
-    return ablation_sweep(
-        pa,
-        method=request["method"],
-        source_prompt=request["source"],
-        reference_prompts=request.get("references"),
-        positions=request["positions"],
-        selected_tokens=chosen or None,
-        progress=progress,
-    )
+    try:
+        return ablation_sweep(
+            pa,
+            method=request["method"],
+            source_prompt=request["source"],
+            reference_prompts=request.get("references"),
+            positions=request["positions"],
+            selected_tokens=chosen or None,
+            progress=progress,
+            # Asked before the first pass: on a cache miss the sweep stops before any work.
+            should_stop=(lambda: True) if cached_only else None,
+        )
+    except AblationCancelled:
+        if not cached_only:
+            raise
+        raise ValueError("the sweep is no longer in the cache: run it again") from None
 
 
 @callback(
@@ -782,7 +812,101 @@ def show_selected(chosen, dark, request):
             "Run the sweep, then click tokens to choose them.", dark=dark, height=220
         )
     try:
-        sweep = _open_sweep(request)
+        sweep = _open_sweep(request, cached_only=True)
         return _selected_figure(sweep, chosen or [], dark)
     except ValueError as exc:
         return make_empty_figure(str(exc), dark=dark)
+
+
+# --- Report bundle ---------------------------------------------------------------------------
+
+
+def report_inputs(request, sweep_request, chosen, picked, data, dark) -> FigureReport:
+    """The ablation and the sweep as they are on screen, for a report bundle."""
+    if not request and not sweep_request:
+        raise ValueError("ablate something or run the sweep first")
+    dark = bool(dark)
+    chosen = [p for p in (chosen or []) if isinstance(p, int)]
+    figures: list[ReportFigure] = []
+    options: dict = {}
+    prompt = model = None
+
+    # The last ablation: loss before and after, Δloss, and the downstream attention.
+    if request:
+        result = _open_ablation(request)
+        str_tokens = list(result.str_tokens)
+        model, prompt = request["model"], request["prompt"]
+        picked = tuple(picked) if isinstance(picked, list | tuple) and len(picked) == 2 else None
+        heatmap, patterns, shown = downstream_figures(
+            result, picked, (data or {}).get("n_layers"), dark
+        )
+        what = ", ".join(c.label for c in result.components)
+        figures += [
+            ReportFigure(
+                "loss",
+                f"Loss before and after ablating {what}",
+                make_loss_figure(
+                    str_tokens, result.loss_before, result.loss_after, result.failures, dark=dark
+                ),
+            ),
+            ReportFigure(
+                "delta-loss",
+                "Δloss per token",
+                make_delta_loss_figure(str_tokens, result.delta_loss, title="Δloss", dark=dark),
+            ),
+            ReportFigure("attention-change", "Downstream attention moved, per head", heatmap),
+        ]
+        if shown is not None:
+            title = f"L{shown[0]}H{shown[1]} before and after the ablation"
+            figures.append(ReportFigure("attention-before-after", title, patterns))
+        options["ablation"] = {
+            "components": [c.label for c in result.components],
+            "method": request["method"],
+            "source_prompt": request.get("source_prompt"),
+            "reference_prompts": list(request.get("reference_prompts") or []),
+            "memory_failures": [int(p) for p in result.failure_tokens],
+        }
+
+    # The sweep, if it is still cached.
+    if sweep_request and (prompt is None or sweep_request["prompt"] == prompt):
+        sweep = _open_sweep(sweep_request, chosen, cached_only=True)
+        model, prompt = sweep_request["model"], sweep_request["prompt"]
+        heads, layers = _sweep_figures(sweep, dark)
+        figures += [
+            ReportFigure("sweep-heads", "Sweep: Δ mean loss per head", heads),
+            ReportFigure("sweep-layers", "Sweep: Δ mean loss per layer", layers),
+        ]
+        if chosen:
+            selected = _selected_figure(sweep, chosen, dark)
+            figures.append(
+                ReportFigure("sweep-chosen-tokens", "Sweep: Δloss on chosen tokens", selected)
+            )
+        options["sweep"] = {
+            "method": sweep_request["method"],
+            "positions": sweep_request["positions"],
+            "chosen_tokens": chosen,
+        }
+
+    pa = analysis.analyze(prompt, model)
+    return FigureReport(
+        model_id=model,
+        fingerprint=str(pa.meta.get("fingerprint", "")),
+        prompts=(prompt,),
+        figures=tuple(figures),
+        options=options,
+        facts=(("Tokens", str(pa.n_pos)),),
+    )
+
+
+register_report_download(
+    REPORT,
+    [
+        State(ABLATION, "data"),
+        State(SWEEP, "data"),
+        State(CHOSEN, "data"),
+        State(ATTN_SELECTED, "data"),
+        State(ANALYSIS, "data"),
+        State(COLOR_MODE_SWITCH, "value"),
+    ],
+    report_inputs,
+)

@@ -349,3 +349,58 @@ def test_sweep_with_reference_prompts_uses_them(page):
     )
     np.testing.assert_allclose(np.asarray(out[0].data[0].z), sweep.head_delta, atol=ATOL)
     assert out[3]["references"] == references.split("\n")
+
+
+def test_report_bundles_the_ablation_and_the_cached_sweep(page):
+    import io
+    import zipfile
+
+    from components.export import build_bundle
+
+    out = run(page, ["L0H1"], chosen=[8])
+    _, _, _, sweep_request, _, _ = page.run_sweep(
+        lambda _: None, 1, out["data"], "zero", "", "", [8], False
+    )
+
+    report = page.report_inputs(out["ablation"], sweep_request, [8], [1, 2], out["data"], False)
+    content, manifest = build_bundle(report, formats=["csv"])
+
+    names = [item.name for item in report.figures]
+    assert names == [
+        "loss",
+        "delta-loss",
+        "attention-change",
+        "attention-before-after",
+        "sweep-heads",
+        "sweep-layers",
+        "sweep-chosen-tokens",
+    ]
+    assert manifest["prompts"] == [PROMPT]
+    assert manifest["settings"]["ablation"]["components"] == ["L0H1"]
+    assert manifest["settings"]["sweep"]["chosen_tokens"] == [8]
+    assert "L1H2" in report.figures[3].title  # the head the user clicked
+    # The sweep's CSV is the analysis layer's layer × head Δ mean loss.
+    sweep = ablation_sweep(analysis.analyze(PROMPT, MODEL), method="zero")
+    with zipfile.ZipFile(io.BytesIO(content)) as archive:
+        rows = archive.read("data/sweep-heads.csv").decode().splitlines()[1:]
+    z = np.array([float(row.rsplit(",", 1)[1]) for row in rows]).reshape(sweep.head_delta.shape)
+    np.testing.assert_allclose(z, sweep.head_delta, atol=ATOL)
+
+
+def test_report_never_reruns_an_evicted_sweep(page, cache_dir):
+    out = run(page)
+    request = page._sweep_request(out["data"], "zero", "", "")
+
+    with pytest.raises(ValueError, match="no longer in the cache"):
+        page.report_inputs(None, request, [], None, out["data"], False)
+    assert "ablate something" in _report_message(page, None, None)
+
+
+def _report_message(page, request, sweep_request) -> str:
+    from components.download import report_download
+
+    payload, message = report_download(
+        lambda: page.report_inputs(request, sweep_request, [], None, None, False)
+    )
+    assert payload is None
+    return str(message.children)
