@@ -445,7 +445,13 @@ register_example_callback(PANEL)
 
 def summary_text(result, model: str, method: str | None = None) -> str:
     """One plain-text line on what was ablated and what it did (``method``: the page's)."""
-    what = ", ".join(c.label for c in result.components) or "nothing"
+    if not result.components:
+        return (
+            f"Nothing is ablated yet on {model}: mean loss "
+            f"{float(np.mean(result.loss_before)):.3f}. Choose heads or layers above and press "
+            "Ablate."
+        )
+    what = ", ".join(c.label for c in result.components)
     failures = result.failure_tokens
     return (
         f"Ablated {what} ({METHOD_TITLES[method or result.method]}) on {model}: mean loss "
@@ -608,8 +614,7 @@ def show_downstream_attention(request, click, dark, selected, data):
     """Layer × head map of how far attention moved; the chosen head before, after and Δ."""
     dark = bool(dark)
     if not request:
-        empty = make_empty_figure("Ablate to see which heads moved.", dark=dark, height=260)
-        return empty, make_empty_figure("Then click a head.", dark=dark, height=420), None
+        return _before_any_ablation(dark)
     try:
         result = _open_ablation(request)
     except (ValueError, AblationCancelled) as exc:
@@ -624,9 +629,20 @@ def show_downstream_attention(request, click, dark, selected, data):
     return heatmap, patterns, None if picked is None else list(picked)
 
 
+def _before_any_ablation(dark: bool):
+    """The downstream views' placeholders, in :func:`downstream_figures`' shape."""
+    return (
+        make_empty_figure("Ablate to see which heads moved.", dark=dark, height=260),
+        make_empty_figure("Then click a head.", dark=dark, height=420),
+        None,
+    )
+
+
 def downstream_figures(result, picked, n_layers: int | None, dark: bool):
     """``(change heatmap, pattern comparison, (layer, head) shown)``; ``picked`` None or not
     downstream means the head whose attention moved most."""
+    if not result.components:  # the page's first analysis: nothing is ablated yet
+        return _before_any_ablation(dark)
     layers = result.attention_layers
     change = result.attention_change()
     n_layers = n_layers or (max(layers, default=0) + 1)
@@ -641,12 +657,8 @@ def downstream_figures(result, picked, n_layers: int | None, dark: bool):
         grid, selected=picked, title="attention moved, per head", dark=dark
     )
     if picked is None:
-        last = max((c.layer for c in result.components), default=None)
-        message = (
-            "Ablate a component to see its effect on later heads."
-            if last is None
-            else f"No attention is downstream of layer {last}: it is the last layer."
-        )
+        last = max(c.layer for c in result.components)
+        message = f"No attention is downstream of layer {last}: it is the last layer."
         return heatmap, make_empty_figure(message, dark=dark, height=420), None
     layer, head = picked
     index = layers.index(layer)
