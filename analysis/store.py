@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sqlite3
 import threading
 import zlib
 from pathlib import Path
@@ -31,6 +32,12 @@ _RAW, _ZLIB = b"N", b"Z"
 
 class CorruptEntryError(Exception):
     """A cache entry exists but cannot be decoded; callers recompute it."""
+
+
+class CacheWriteError(ValueError):
+    """The disk cache could not be opened or could not store an entry: the disk is full, or the
+    directory is gone, read-only or not a directory. A ValueError, so pages show its message in
+    their alert."""
 
 
 class NoPickleDisk(diskcache.Disk):
@@ -55,6 +62,13 @@ def encode_array(array: np.ndarray, *, compress: bool = False) -> bytes:
     return _ZLIB + zlib.compress(raw, 1) if compress else _RAW + raw
 
 
+# np.load reads the .npy header with ast.literal_eval. On CPython 3.11 two threads building ASTs
+# at once can fail with "SystemError: AST constructor recursion depth mismatch"
+# (python/cpython#106905), which the threaded server hit when a page's callbacks read their
+# layers in parallel. Reading arrays is memory-bound; one at a time costs little.
+_NPY_HEADER_LOCK = threading.Lock()
+
+
 def decode_array(blob: bytes) -> np.ndarray:
     """Inverse of :func:`encode_array`; raises :class:`CorruptEntryError` on bad bytes."""
     if not isinstance(blob, bytes) or not blob:
@@ -65,7 +79,8 @@ def decode_array(blob: bytes) -> np.ndarray:
             body = zlib.decompress(body)
         elif marker != _RAW:
             raise CorruptEntryError(f"unknown array marker {marker!r}")
-        return np.load(io.BytesIO(body), allow_pickle=False)
+        with _NPY_HEADER_LOCK:
+            return np.load(io.BytesIO(body), allow_pickle=False)
     except (ValueError, OSError, EOFError, zlib.error) as exc:
         raise CorruptEntryError(f"undecodable array: {exc}") from None
 
@@ -84,16 +99,22 @@ class ArrayStore:
 
     def __init__(self, directory: Path | str, size_limit_bytes: int):
         self.directory = Path(directory)
-        self._cache = diskcache.Cache(
-            str(self.directory),
-            size_limit=int(size_limit_bytes),
-            eviction_policy="least-recently-used",
-            disk=NoPickleDisk,
-            tag_index=True,
-        )
+        try:
+            self._cache = diskcache.Cache(
+                str(self.directory),
+                size_limit=int(size_limit_bytes),
+                eviction_policy="least-recently-used",
+                disk=NoPickleDisk,
+                tag_index=True,
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise CacheWriteError(
+                f"the analysis cache in {self.directory} cannot be opened ({exc}); point "
+                "MEMLENS_CACHE_DIR at a writable directory"
+            ) from None
 
     def put_array(self, key: str, array: np.ndarray, *, tag: str, compress: bool = False) -> None:
-        self._cache.set(key, encode_array(array, compress=compress), tag=tag)
+        self._set(key, encode_array(array, compress=compress), tag)
 
     def get_array(self, key: str) -> np.ndarray | None:
         """The array under ``key``, None when absent; CorruptEntryError when unreadable."""
@@ -101,7 +122,7 @@ class ArrayStore:
         return None if blob is None else decode_array(blob)
 
     def put_json(self, key: str, document: dict, *, tag: str) -> None:
-        self._cache.set(key, json.dumps(document, ensure_ascii=False).encode(), tag=tag)
+        self._set(key, json.dumps(document, ensure_ascii=False).encode(), tag)
 
     def get_json(self, key: str) -> dict | None:
         blob = self._get(key)
@@ -126,12 +147,21 @@ class ArrayStore:
     def close(self) -> None:
         self._cache.close()
 
+    def _set(self, key: str, blob: bytes, tag: str) -> None:
+        try:
+            self._cache.set(key, blob, tag=tag, retry=True)
+        except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
+            raise CacheWriteError(
+                f"the analysis cache in {self.directory} could not store {key.split('/')[-1]!r} "
+                f"({exc}); free disk space, or point MEMLENS_CACHE_DIR at a writable directory"
+            ) from None
+
     def _get(self, key: str) -> bytes | None:
         try:
             value = self._cache.get(key, default=None, retry=True)
         except CorruptEntryError:
             raise
-        except (OSError, diskcache.Timeout) as exc:
+        except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
             # A value file removed under us, or a cache directory that vanished.
             raise CorruptEntryError(f"cache read failed for {key!r}: {exc}") from None
         if value is not None and not isinstance(value, bytes):
@@ -160,6 +190,12 @@ def default_store() -> ArrayStore:
     directory = settings.cache_dir / "analyses"
     size = int(settings.cache_size_gb * 1024**3)
     key = (str(directory), size)
+    if key in _stores and not directory.is_dir():
+        # Removed under a running server: reopen, so new entries land on disk again (the old
+        # handle would keep writing into the deleted database, unseen by other processes).
+        # Threads still reading through the old handle finish on the deleted files.
+        logger.warning("cache directory %s vanished; recreating it", directory)
+        del _stores[key]
     if key not in _stores:
         _stores[key] = ArrayStore(directory, size)
     return _stores[key]
