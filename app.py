@@ -17,6 +17,7 @@ import analysis
 import cli
 import serving
 from analysis.settings import get_settings
+from components.alerts import APP_ALERT, make_error_alert, show_callback_error
 from components.shell import load_figure_templates, make_app_stores, make_navbar
 
 logger = logging.getLogger("memlens")
@@ -32,12 +33,19 @@ app = Dash(
     serve_locally=True,
     title="MemLens",
     background_callback_manager=background_manager,
+    on_error=show_callback_error,  # what a callback still raises becomes an alert, not a 500
 )
 server = app.server
 serving.enable_auth(app)
 serving.identify_browsers(server)  # whose long job is whose, for MEMLENS_MAX_JOBS_PER_USER
+serving.answer_bad_requests(server)  # 4xx, not 500, for requests no page makes
 app.layout = dbc.Container(
-    [make_navbar(list(dash.page_registry.values())), *make_app_stores(), dash.page_container],
+    [
+        make_navbar(list(dash.page_registry.values())),
+        make_error_alert(APP_ALERT),
+        *make_app_stores(),
+        dash.page_container,
+    ],
     fluid=True,
     class_name="pb-4",
 )

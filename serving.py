@@ -9,17 +9,25 @@
 - Every browser gets a random id cookie, so the per-user job limit
   (``MEMLENS_MAX_JOBS_PER_USER``, :mod:`components.jobs`) has someone to count against when
   auth is off.
+- The local job cache keeps results as JSON, never pickles (:class:`JobCacheDisk`), and a job
+  whose process died says so (:class:`LocalJobManager`); a request no page makes gets a 4xx,
+  not a 500 (:func:`answer_bad_requests`); a Redis that does not answer is named in the page's
+  alert (:class:`RedisJobManager`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hmac
+import json
 import logging
 import os
 import uuid
 
 import diskcache
+from dash import CeleryManager, DiskcacheManager
+from plotly.utils import PlotlyJSONEncoder
 
 from analysis.settings import Settings, get_settings
 from components.jobs import BROWSER_COOKIE
@@ -49,17 +57,218 @@ def make_celery(redis_url: str, job_timeout_s: float | None = None):
     return celery_app
 
 
+class JobCacheError(ValueError):
+    """An entry of the local job cache is not what MemLens writes (a planted pickle, say)."""
+
+
+class JobCacheDisk(diskcache.Disk):
+    """The local job cache's storage: values as JSON text (bytes stay bytes), never pickles.
+
+    Dash's ``DiskcacheManager`` keeps job results, progress and its signing secret in this
+    cache; diskcache would pickle them, and unpickle whatever it later finds there. Here a
+    pickled entry is refused (:class:`JobCacheError`) and never run. Results are encoded as
+    ``CeleryManager`` encodes them (plotly's JSON encoder), so pages see the same values.
+    """
+
+    def store(self, value, read, key=diskcache.core.UNKNOWN):
+        if not read and not isinstance(value, bytes):
+            value = json.dumps(value, cls=PlotlyJSONEncoder)
+        return super().store(value, read, key=key)
+
+    def fetch(self, mode, filename, value, read):
+        if mode == diskcache.core.MODE_PICKLE:
+            raise JobCacheError(
+                "a long job's cache entry is a pickle, which MemLens never writes; it was not "
+                "loaded. Check who writes to MEMLENS_CACHE_DIR/jobs, then run the job again"
+            )
+        data = super().fetch(mode, filename, value, read)
+        if not isinstance(data, str):
+            return data
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise JobCacheError("a long job's cache entry is not JSON; run the job again") from None
+
+    def get(self, key, raw):
+        if not raw:  # a pickled key: only ever listed, never needed
+            raise JobCacheError("the job cache holds a pickled key; it was not loaded")
+        return super().get(key, raw)
+
+
+def _failed_job(message: str) -> dict:
+    """A job result that Dash reads as a failed job: the app's ``on_error`` handler shows
+    ``message`` in the app-wide alert."""
+    return {"background_callback_error": {"msg": message, "tb": ""}}
+
+
+class LocalJobManager(DiskcacheManager):
+    """Dash's ``DiskcacheManager``, telling a job that died from one that was cancelled.
+
+    Dash reads a job process that is gone without a result as cancelled and leaves the page as
+    it was, so a job killed by the kernel (out of memory) or by ``kill -9`` looked like nothing
+    had happened. Here Cancel (and a newer run replacing a job) marks the job in the cache, and
+    a job gone without a result and without that mark fails with a message. An entry the cache
+    refuses (:class:`JobCacheError`) fails the job the same way, and is dropped.
+    """
+
+    CANCELLED_PREFIX = "memlens-cancelled-"
+    DIED_MESSAGE = (
+        "the long job stopped before it finished: its process ended without a result (killed, "
+        "or out of memory). Run it again; if it keeps stopping, try a shorter prompt or fewer "
+        "items"
+    )
+
+    def _cancelled_key(self, job) -> str:
+        return f"{self.CANCELLED_PREFIX}{job}"
+
+    def terminate_job(self, job):
+        if job:
+            # Kept as long as results are: a page stops polling a cancelled job well before.
+            self.handle.set(self._cancelled_key(job), 1, expire=self.expire or 3600)
+        super().terminate_job(job)
+
+    def get_result(self, key, job):
+        try:
+            result = super().get_result(key, job)
+            if result is not self.UNDEFINED or not job or self.job_running(job):
+                return result
+            # Gone: read once more, for a job that wrote its result and exited since.
+            result = super().get_result(key, job)
+            if result is not self.UNDEFINED or self.handle.get(self._cancelled_key(job)):
+                return result
+        except JobCacheError as exc:
+            logger.warning("job cache entry %s refused: %s", key, exc)
+            self.clear_cache_entry(key)
+            return _failed_job(str(exc))
+        logger.warning("long job %s ended without a result", job)
+        return _failed_job(self.DIED_MESSAGE)
+
+    def get_progress(self, key):
+        try:
+            return super().get_progress(key)
+        except JobCacheError as exc:
+            logger.warning("job progress entry refused: %s", exc)
+            self.clear_cache_entry(self._make_progress_key(key))
+            return None
+
+    def get_updated_props(self, key):
+        try:
+            return super().get_updated_props(key)
+        except JobCacheError as exc:
+            logger.warning("job side-update entry refused: %s", exc)
+            self.clear_cache_entry(self._make_set_props_key(key))
+            return {}
+
+    def get_or_create_signing_secret(self, generate):
+        try:
+            return super().get_or_create_signing_secret(generate)
+        except JobCacheError as exc:
+            # Replaced, so one planted entry cannot stop every long job of every worker.
+            logger.warning("job signing secret refused (%s); making a new one", exc)
+            self.clear_cache_entry(self.SIGNING_SECRET_KEY)
+            return super().get_or_create_signing_secret(generate)
+
+
+# The job id Dash hands the browser when Redis did not take the job: every later question about
+# it answers "not running, failed" without asking Redis, in whichever web worker polls.
+UNAVAILABLE_JOB = "redis-unavailable"
+
+
+def _redis_errors() -> tuple[type[BaseException], ...]:
+    from kombu.exceptions import OperationalError
+    from redis.exceptions import RedisError
+
+    return (OperationalError, RedisError, OSError)
+
+
+class RedisJobManager(CeleryManager):
+    """Dash's ``CeleryManager``, saying in the page's alert when Redis does not answer.
+
+    A job that Redis cannot take, or whose result Redis can no longer give, ends as a failed
+    job with a message naming the Redis URL (shown by the app's ``on_error`` handler), instead
+    of a request that hangs through Celery's retries and fails with a 500.
+    """
+
+    def __init__(self, celery_app, redis_url: str, **kwargs) -> None:
+        super().__init__(celery_app, **kwargs)
+        self.redis_url = redis_url
+
+    def unavailable_message(self) -> str:
+        return (
+            f"long jobs run on Celery workers through Redis at {self.redis_url}, which does not "
+            "answer; start Redis (or unset MEMLENS_REDIS_URL to run jobs here), then run the "
+            "job again"
+        )
+
+    def _answers(self) -> bool:
+        """Whether Redis answers a ping within a second (Celery would retry for many)."""
+        import redis
+
+        try:
+            redis.Redis.from_url(self.redis_url, socket_connect_timeout=1, socket_timeout=1).ping()
+        except _redis_errors() as exc:
+            logger.warning("Redis at %s does not answer: %s", self.redis_url, exc)
+            return False
+        return True
+
+    def _failed(self) -> dict:
+        return _failed_job(self.unavailable_message())
+
+    def call_job_fn(self, key, job_fn, args, context):
+        if not self._answers():
+            return UNAVAILABLE_JOB
+        try:
+            return super().call_job_fn(key, job_fn, args, context)
+        except _redis_errors() as exc:
+            logger.warning("Redis at %s refused a job: %s", self.redis_url, exc)
+            return UNAVAILABLE_JOB
+
+    def job_running(self, job):
+        if job == UNAVAILABLE_JOB:
+            return False
+        try:
+            return super().job_running(job)
+        except _redis_errors():
+            return False
+
+    def terminate_job(self, job):
+        if job == UNAVAILABLE_JOB or not self._answers():  # Celery's revoke retries for seconds
+            return
+        with contextlib.suppress(*_redis_errors()):
+            super().terminate_job(job)
+
+    def get_progress(self, key):
+        try:
+            return super().get_progress(key)
+        except _redis_errors():
+            return None
+
+    def get_result(self, key, job):
+        if job == UNAVAILABLE_JOB:
+            return self._failed()
+        try:
+            return super().get_result(key, job)
+        except _redis_errors() as exc:
+            logger.warning("Redis at %s lost a job's result: %s", self.redis_url, exc)
+            return self._failed()
+
+    def get_updated_props(self, key):
+        try:
+            return super().get_updated_props(key)
+        except _redis_errors():
+            return {}
+
+
 def make_background_manager(settings: Settings | None = None):
     """``(manager, celery_app)``: Celery over Redis when configured, else the disk cache."""
-    from dash import CeleryManager, DiskcacheManager
-
     settings = settings or get_settings()
+    expire = int(settings.job_timeout_s) * 4
     if settings.redis_url:
         celery_app = make_celery(settings.redis_url, settings.job_timeout_s)
         logger.info("long jobs run on Celery workers at %s", settings.redis_url)
-        return CeleryManager(celery_app, expire=int(settings.job_timeout_s) * 4), celery_app
-    jobs = diskcache.Cache(str(settings.cache_dir / "jobs"))
-    return DiskcacheManager(jobs, expire=int(settings.job_timeout_s) * 4), None
+        return RedisJobManager(celery_app, settings.redis_url, expire=expire), celery_app
+    jobs = diskcache.Cache(str(settings.cache_dir / "jobs"), disk=JobCacheDisk)
+    return LocalJobManager(jobs, expire=expire), None
 
 
 def _auth_users(settings: Settings) -> dict[str, str]:
@@ -125,6 +334,39 @@ def identify_browsers(server) -> None:
                 samesite="Lax",
             )
         return response
+
+
+def answer_bad_requests(server) -> None:
+    """Answer what a browser of the app would never ask with a 4xx and one line, not a 500.
+
+    - a callback request Dash cannot parse (not JSON, no such callback, outputs that do not
+      match): 400. Errors inside callbacks never get here: the app's ``on_error`` handler
+      (:func:`components.alerts.show_callback_error`) turns them into an alert;
+    - a script or style file that Dash does not serve (``/_dash-component-suites/../..``): 404.
+
+    Anything else keeps Flask's own answer: logged, and a bare 500 with no traceback.
+    """
+    from dash.exceptions import DependencyException
+    from flask import request
+    from werkzeug.exceptions import HTTPException
+
+    text = {"Content-Type": "text/plain; charset=utf-8"}
+
+    @server.errorhandler(Exception)
+    def _bad_request(error):
+        if isinstance(error, HTTPException):
+            return error
+        if isinstance(error, DependencyException):
+            logger.info("no such component file: %s", request.path[:200])
+            return "No such file.", 404, text
+        if not request.path.endswith("/_dash-update-component"):
+            raise error
+        logger.warning("malformed callback request refused: %r", error)
+        message = (
+            f"MemLens could not read this callback request ({type(error).__name__}); "
+            "reload the page."
+        )
+        return message, 400, text
 
 
 def serve(settings: Settings | None = None) -> None:

@@ -6,7 +6,7 @@ import base64
 
 import dash
 import pytest
-from dash import html
+from dash import CeleryManager, html
 
 import serving
 from analysis.settings import Settings
@@ -88,7 +88,7 @@ def test_manager_is_diskcache_without_redis(tmp_path):
 def test_manager_is_celery_with_redis(tmp_path):
     settings = settings_with(tmp_path, MEMLENS_REDIS_URL="redis://127.0.0.1:1/0")
     manager, celery_app = serving.make_background_manager(settings)
-    assert type(manager).__name__ == "CeleryManager"
+    assert isinstance(manager, CeleryManager)
     assert celery_app.conf.broker_url == "redis://127.0.0.1:1/0"
     # Jobs stop themselves at the timeout; the worker kills a stuck one a minute later.
     assert celery_app.conf.task_time_limit == 900 + 60
