@@ -5,9 +5,9 @@
 writes one ZIP report bundle (see :mod:`components.export`). ``python cli.py analyze --prompt
 "..."`` prints the strongest heads by type and how much of each token survives per layer.
 
-Bad input (an empty prompt, an unknown model, a layer out of range, an unknown format) prints one
-line on stderr and exits with status 2; PNG or SVG export where kaleido or Chromium is missing
-exits with status 3. No traceback either way.
+Bad input (an empty prompt, an unknown model, a layer out of range, an unknown format, an --out
+that cannot be written) prints one line on stderr and exits with status 2; PNG or SVG export
+where kaleido or Chromium is missing exits with status 3. No traceback either way.
 """
 
 from __future__ import annotations
@@ -101,6 +101,10 @@ def _guarded(
         except ValueError as exc:
             print(f"memlens {name}: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
+        except OSError as exc:  # --out not creatable, read-only or full; a checkpoint unreadable
+            where = f" {exc.filename}" if exc.filename else ""
+            print(f"memlens {name}: cannot use{where}: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         except KeyboardInterrupt:
             print(f"memlens {name}: interrupted", file=sys.stderr)
             return 130
@@ -122,6 +126,8 @@ def _export(args: argparse.Namespace) -> None:
     check_scale(args.scale)
     parse_indices(args.layers, sys.maxsize, "layers")
     parse_indices(args.heads, sys.maxsize, "heads")
+    if "\x00" in args.out:
+        raise ValueError("--out contains a NUL character; give a directory path")
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {args.out} is a file; give a directory")

@@ -176,7 +176,11 @@ def resolve_model(name_or_path: str, *, allow_any_path: bool = False) -> ModelSp
         ValueError: The name is unknown or the path is not an allowed checkpoint directory.
         ModelUnavailableError: The model is known, but its weights are not cached here.
     """
-    if not isinstance(name_or_path, str) or not name_or_path.strip():
+    if name_or_path is not None and not isinstance(name_or_path, str):
+        raise ValueError(
+            f"choose a model: a model is a name or a path, got {type(name_or_path).__name__}"
+        )
+    if not name_or_path or not name_or_path.strip():
         raise ValueError("choose a model: the model name is empty")
     name = name_or_path.strip()
     if "\x00" in name:
@@ -300,6 +304,6 @@ def usable_model(model: str, default: str, messages: list[str]) -> str:
     try:
         resolve_model(model)
     except ValueError as exc:
-        messages.append(f"{exc}. Showing {default} instead.")
+        messages.append(f"{str(exc).rstrip('.')}. Showing {default} instead.")
         return default
     return model

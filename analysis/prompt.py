@@ -49,10 +49,16 @@ def validate_prompt(prompt: object, *, max_chars: int | None = None) -> str:
             "(MEMLENS_MAX_PROMPT_CHARS)"
         )
     for index, char in enumerate(prompt):
-        if char not in _ALLOWED_CONTROL and unicodedata.category(char) == "Cc":
+        category = unicodedata.category(char)
+        if char not in _ALLOWED_CONTROL and category == "Cc":
             raise ValueError(
                 f"the prompt contains the control character U+{ord(char):04X} at position "
                 f"{index}; remove it (tabs and newlines are fine)"
+            )
+        if category == "Cs":  # half of a UTF-16 pair: no UTF-8 text, so no tokenizer, takes it
+            raise ValueError(
+                f"the prompt contains a lone surrogate U+{ord(char):04X} at position {index}, "
+                "which is not text (a character cut in half); paste the text again"
             )
     return prompt
 
@@ -162,7 +168,11 @@ class PromptAnalysis:
             )
             array = self.store.get_array(f"{self.key}/{name}")
             if array is None:
-                raise RuntimeError(f"the cache lost {name!r} right after writing it")
+                raise ValueError(
+                    f"the disk cache dropped {name!r} of this analysis right after writing it: "
+                    "it is too small for one analysis of this prompt. Raise "
+                    "MEMLENS_CACHE_SIZE_GB, or analyse a shorter prompt"
+                )
         return array
 
 

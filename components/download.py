@@ -58,6 +58,8 @@ SCALES = (1, 2, 3, 4)
 # On-screen widths (CSS pixels) an image may take from the page; others get the default.
 _WIDTHS = range(200, 4001)
 DEFAULT_FORMAT = "png"
+# A refusal quoted next to the button is cut here.
+MAX_MESSAGE_CHARS = 300
 # URL query keys that name what a figure shows, in file-name order, with their prefixes.
 _NAME_KEYS = (("layer", "L"), ("head", "H"), ("score", ""), ("metric", ""))
 _DTYPES = {
@@ -222,8 +224,10 @@ def figure_download(request: dict | None, graph: str) -> tuple[dict | None, str]
         The payload of :func:`components.export.send_figure` and ``""``, or None and a message
         that says what went wrong and what to do.
     """
-    if not isinstance(request, dict):
+    if request is None:
         return None, ""
+    if not isinstance(request, dict):
+        return None, "Cannot download: the request did not arrive intact; press Download again."
     fmt = request.get("format")
     if fmt not in FORMATS:
         choices = ", ".join(name.upper() for name in FORMATS)
@@ -242,7 +246,11 @@ def figure_download(request: dict | None, graph: str) -> tuple[dict | None, str]
         return None, f"{fmt.upper()} is unavailable here ({exc}); HTML, CSV and NPZ still work."
     except ValueError as exc:
         logger.info("figure download refused: %s", exc)
-        return None, f"Cannot download: {exc}"
+        # Plotly's own messages span many indented lines; the toolbar has room for one.
+        text = " ".join(str(exc).split())
+        if len(text) > MAX_MESSAGE_CHARS:
+            text = text[: MAX_MESSAGE_CHARS - 1] + "…"
+        return None, f"Cannot download: {text}"
     except Exception:  # noqa: BLE001 - a download must never take the page down
         logger.exception("figure download of %s as %s failed", graph, fmt)
         return None, "The download failed on the server; the log has the details."

@@ -393,6 +393,8 @@ def decode_upload(contents: str | None, filename: str | None) -> bytes:
     """The bytes of a ``dcc.Upload`` data URL (``data:<type>;base64,<payload>``)."""
     if not contents or not filename:
         raise ValueError("no file was uploaded: drop a .txt or .csv file on the upload area")
+    if not isinstance(contents, str) or not isinstance(filename, str):
+        raise ValueError("the upload did not arrive as one file: drop a single .txt or .csv file")
     try:
         _, payload = contents.split(",", 1)
         return base64.b64decode(payload, validate=True)
