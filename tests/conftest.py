@@ -47,6 +47,19 @@ def _no_callback_context_between_tests():
         context_value.reset(_context_tokens.pop())
 
 
+@pytest.fixture(scope="session")
+def memlens_app(tmp_path_factory):
+    """The ``app`` module; importing it creates the Dash app and registers every page. Its job
+    cache lives in a temporary directory for the session (tests/browser overrides this fixture
+    to load the demo model up front)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MEMLENS_CACHE_DIR", str(tmp_path_factory.mktemp("app-cache")))
+    import app
+
+    yield app
+    patch.undo()
+
+
 @pytest.fixture
 def store(cache_dir):
     store = ArrayStore(cache_dir / "analyses", 2**30)

@@ -1,19 +1,8 @@
-"""The app imported once per test session, with its job cache in a temporary directory."""
+"""Fixtures of the page-callback tests; ``memlens_app`` comes from tests/conftest.py."""
 
 from __future__ import annotations
 
 import pytest
-
-
-@pytest.fixture(scope="session")
-def memlens_app(tmp_path_factory):
-    """The ``app`` module; importing it creates the Dash app and registers every page."""
-    patch = pytest.MonkeyPatch()
-    patch.setenv("MEMLENS_CACHE_DIR", str(tmp_path_factory.mktemp("app-cache")))
-    import app
-
-    yield app
-    patch.undo()
 
 
 @pytest.fixture
