@@ -6,7 +6,7 @@ import base64
 
 import dash
 import pytest
-from dash import CeleryManager, html
+from dash import CeleryManager, DiskcacheManager, html
 
 import serving
 from analysis.settings import Settings
@@ -82,7 +82,8 @@ def test_every_browser_gets_an_id_cookie_once(tmp_path):
 
 def test_manager_is_diskcache_without_redis(tmp_path):
     manager, celery_app = serving.make_background_manager(settings_with(tmp_path))
-    assert type(manager).__name__ == "DiskcacheManager" and celery_app is None
+    assert isinstance(manager, DiskcacheManager) and celery_app is None
+    assert isinstance(manager.handle.disk, serving.JobCacheDisk)  # JSON, never pickles
 
 
 def test_manager_is_celery_with_redis(tmp_path):
