@@ -90,6 +90,7 @@ PAGE = "ablate"
 PANEL = PromptPanelIds(PAGE)
 ALERT = "ablate-alert"
 URL = "ablate-url"
+LINK_NOTES = "ablate-link-notes"  # what the link asked for that the page could not use
 ANALYSIS = "ablate-analysis"
 FAILURES = "ablate-failures"
 CHOSEN = "ablate-chosen"
@@ -230,16 +231,17 @@ def _as_list(value: object) -> list[str]:
 def parse_query(query: dict) -> dict:
     """The page state a link asks for; anything missing falls back to the defaults."""
     read = QueryReader(query)
-    method = read.text("method")
-    return {
+    method = read.choice("method", METHOD_TITLES, "zero")
+    state = {
         "model": read.text("model") or get_settings().default_model,
         "prompt": read.text("prompt") or DEFAULT_PROMPT,
         "components": _as_list(read.text("components")),
         "positions": read.text("positions") or "",
-        "method": method if method in METHOD_TITLES else "zero",
+        "method": method,
         "source": read.text("source") or "",
         "references": read.text("references") or "",
     }
+    return {**state, "messages": read.messages}
 
 
 def page_search(model, prompt, components, positions, method, source, references="") -> str:
@@ -374,6 +376,7 @@ def layout(**query) -> html.Div:
             dcc.Store(id=SWEEP),
             dcc.Store(id=ABLATION),
             dcc.Store(id=ATTN_SELECTED),
+            dcc.Store(id=LINK_NOTES, data=state["messages"]),
             make_error_alert(ALERT),
             dbc.Row(
                 [
@@ -495,6 +498,7 @@ def summary_text(result, model: str, method: str | None = None) -> str:
     State(SOURCE, "value"),
     State(CHOSEN, "data"),
     State(REFERENCES, "value"),
+    State(LINK_NOTES, "data"),
 )
 def run_ablation(
     analyse_clicks,
@@ -508,8 +512,12 @@ def run_ablation(
     source,
     chosen,
     references=None,
+    link_notes=None,
 ):
-    """Analyse the prompt and ablate the chosen components: loss, Δloss, predictions, failures."""
+    """Analyse the prompt and ablate the chosen components: loss, Δloss, predictions, failures.
+
+    The page's first run (no click yet) also shows what its link asked for that it could not
+    use; later runs close the alert."""
     dark = bool(dark)
 
     def refuse(message: str):
@@ -562,7 +570,7 @@ def run_ablation(
         ),
         make_delta_loss_figure(str_tokens, result.delta_loss, title="Δloss", dark=dark),
         make_prediction_table(rows),
-        *alert_update(None),
+        *alert_update(None if analyse_clicks or run_clicks else " ".join(link_notes or [])),
         page_search(
             model, prompt, words, (positions or "").strip(), method, source, references or ""
         ),

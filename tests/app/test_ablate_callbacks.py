@@ -174,8 +174,25 @@ def test_the_url_reopens_the_same_ablation(page):
         "method": "mean",
         "source": "",
         "references": "",
+        "messages": [],
     }
-    assert page.parse_query({"method": "<script>"})["method"] == "zero"
+
+
+def test_a_link_with_an_unknown_method_says_so_on_the_first_run(page):
+    state = page.parse_query({"method": "<script>"})
+    assert state["method"] == "zero"
+    assert state["messages"] == [
+        "method '<script>' in the link is not one of zero, mean, reference, resample; using zero"
+    ]
+
+    args = (False, PROMPT, MODEL, [], "", state["method"], "", [], "", state["messages"])
+    first = dict(zip(OUTPUTS, page.run_ablation(None, None, *args), strict=True))
+    assert first["alert_open"] is True
+    assert first["alert"] == state["messages"][0]
+
+    # Once the user presses a button, the note has been read: a good run closes the alert.
+    later = dict(zip(OUTPUTS, page.run_ablation(1, None, *args), strict=True))
+    assert later["alert_open"] is False
 
     references = "The dog ran.\nA cat sat on a mat."
     out = run(page, ["L0H1"], method="reference", references=references)

@@ -269,6 +269,7 @@ BAD_LINKS = [
     pytest.param("/compare", "?model=..%2F..%2F..%2Froot", "not inside an allowed", id="compare-m"),
     pytest.param("/heads", "?model=..%2F..%2Fetc", "not inside an allowed", id="heads-model"),
     pytest.param("/ablate", "?prompt=hi&components=L99H99", "layer 99", id="ablate-components"),
+    pytest.param("/ablate", "?prompt=hi&method=evil", "method 'evil'", id="ablate-method"),
 ]
 
 
