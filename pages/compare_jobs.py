@@ -20,6 +20,7 @@ from dash import Input, Output, State, callback, dcc, html, no_update
 from analysis.patching import PATCH_KINDS, activation_patch, suggest_answer_tokens
 from analysis.prompt_sets import (
     BUILTIN_MEASURES,
+    DEFAULT_MAX_PROMPTS,
     HeadAttentionMeasure,
     PromptSet,
     parse_prompt_file,
@@ -65,6 +66,8 @@ PATCH_RESULTS = "compare-patch-results"
 SET_ALERT = "compare-set-alert"
 SET_TEXT = "compare-set-text"
 SET_UPLOAD = "compare-set-upload"
+# Largest prompt-set file read: room for the prompts a set runs, and no more in memory.
+MAX_UPLOAD_BYTES = 2_000_000
 SET_UPLOAD_STATUS = "compare-set-upload-status"
 SET_SOURCE = "compare-set-source"
 SET_MEASURES = "compare-set-measures"
@@ -390,11 +393,18 @@ def prompt_set_tab() -> html.Div:
 
 
 def decode_upload(contents: str | None, filename: str | None) -> bytes:
-    """The bytes of a ``dcc.Upload`` data URL (``data:<type>;base64,<payload>``)."""
+    """The bytes of a ``dcc.Upload`` data URL (``data:<type>;base64,<payload>``), refused past
+    :data:`MAX_UPLOAD_BYTES` before decoding."""
     if not contents or not filename:
         raise ValueError("no file was uploaded: drop a .txt or .csv file on the upload area")
     if not isinstance(contents, str) or not isinstance(filename, str):
         raise ValueError("the upload did not arrive as one file: drop a single .txt or .csv file")
+    size = len(contents) * 3 // 4  # base64 carries 3 bytes in 4 characters
+    if size > MAX_UPLOAD_BYTES:
+        raise ValueError(
+            f"{filename} is {size / 1e6:.1f} MB; a prompt set file may hold at most "
+            f"{MAX_UPLOAD_BYTES / 1e6:.0f} MB ({DEFAULT_MAX_PROMPTS} prompts are read). Split it"
+        )
     try:
         _, payload = contents.split(",", 1)
         return base64.b64decode(payload, validate=True)

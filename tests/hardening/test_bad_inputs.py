@@ -339,6 +339,7 @@ BAD_UPLOADS = [
     pytest.param(data_url(b"\xff\xfe\x00MZ\x90"), "tool.exe", "is not UTF-8", id="binary"),
     pytest.param([data_url(b"a"), data_url(b"b")], ["a.txt", "b.txt"], "one file", id="two"),
     pytest.param(None, None, "no file was uploaded", id="nothing"),
+    pytest.param(data_url(b"x" * 3_000_000), "big.txt", "at most 2 MB", id="3-mb"),
 ]
 
 
