@@ -71,12 +71,3 @@ def store(cache_dir):
 def tiny_model_dir(tmp_path_factory):
     """A 2-layer, 4-head random GPT-2 with the demo tokenizer, shared by the session."""
     return make_random_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
-
-
-# Known shortcoming, kept visible: the shipped memlens-demo has not yet formed an induction head
-# (train_demo's CPU budget ends on the copying plateau; see README "The embedded model"). Tests
-# that need one run and are expected to fail; strict, so a retrained model that passes them
-# turns this marker into a failure and gets it removed.
-needs_trained_induction = pytest.mark.xfail(
-    strict=True, reason="memlens-demo has no induction head yet (README: The embedded model)"
-)

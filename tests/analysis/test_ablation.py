@@ -24,7 +24,7 @@ from analysis.ablation import (
 )
 from analysis.store import ArrayStore
 from analysis.testing import make_random_gpt2
-from tests.conftest import ATOL, needs_trained_induction
+from tests.conftest import ATOL
 
 PROMPT = "The cat sat on the mat. The dog ran to the door and the cat sat still."
 # PROMPT with " cat" and " dog" swapped: BPE splits word by word, so the token count is the same.
@@ -520,7 +520,6 @@ def test_cached_results_come_back_without_a_forward_pass(pa, loaded, monkeypatch
 REPEATED = " quixotic lemur zephyr obsidian marmalade fjord kumquat" * 2
 
 
-@needs_trained_induction
 def test_demo_repeat_breaks_without_attention_after_layer_0(store):
     # Holds for the trained memlens-demo, which has induction heads: copying the second copy of a
     # phrase needs a previous-token head and an induction head in a later layer (Olsson et al.

@@ -13,7 +13,6 @@ import pytest
 from analysis.heads import model_head_scores
 from analysis.models import DEMO_DIR, DEMO_MODEL
 from analysis.store import ArrayStore
-from tests.conftest import needs_trained_induction
 
 SEG_LEN, N_SEQS, SEED = 50, 16, 0
 MIN_HEAD_SCORE = 0.8
@@ -29,21 +28,18 @@ def battery(tmp_path_factory):
     store.close()
 
 
-@needs_trained_induction
 def test_demo_model_has_an_induction_head(battery):
     layer, head, score = battery.best("induction")
 
     assert score >= MIN_HEAD_SCORE, f"best induction head L{layer}H{head} scores {score:.3f}"
 
 
-@needs_trained_induction
 def test_demo_model_has_a_previous_token_head(battery):
     layer, head, score = battery.best("previous_token")
 
     assert score >= MIN_HEAD_SCORE, f"best previous-token head L{layer}H{head} scores {score:.3f}"
 
 
-@needs_trained_induction
 def test_demo_model_predicts_the_repeated_half_from_memory(battery):
     # Mean loss on tokens seg_len + 1 .. 2 * seg_len - 1 over that on tokens 1 .. seg_len - 1.
     assert battery.loss_ratio <= MAX_LOSS_RATIO, f"loss ratio {battery.loss_ratio:.3f}"

@@ -20,7 +20,7 @@ from analysis.patching import (
     suggest_answer_tokens,
 )
 from analysis.prompt import tokenize
-from tests.conftest import ATOL, needs_trained_induction
+from tests.conftest import ATOL
 
 COMMON_WORDS = (" the", " and", " of", " to", " in", " is", " a", " it", " that", " was", " for")
 
@@ -327,7 +327,6 @@ def test_suggested_answers_include_the_first_differing_tokens(tiny_model_dir, st
         assert suggestions[0] is top
 
 
-@needs_trained_induction
 def test_trained_demo_model_prefers_each_prompts_induction_answer(store):
     # Holds for the trained embedded model (it has induction heads), not for an untrained
     # placeholder: the clean prompt favours its copied token, the corrupted prompt the other.

@@ -21,7 +21,7 @@ from analysis.prompt_sets import (
     repeated_token_mask,
     run_prompt_set,
 )
-from tests.conftest import ATOL, needs_trained_induction
+from tests.conftest import ATOL
 
 COMMON_WORDS = (" the", " and", " of", " to", " in", " is", " a", " it", " that", " was", " for")
 
@@ -255,7 +255,6 @@ def test_unknown_measures_and_heads_are_refused_before_running(tiny_model_dir, s
         )
 
 
-@needs_trained_induction
 def test_trained_demo_model_predicts_repeats_with_an_induction_head(store):
     # Holds for the trained embedded model (previous-token and induction heads), not for an
     # untrained placeholder.

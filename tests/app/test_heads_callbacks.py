@@ -14,7 +14,7 @@ from dash import no_update
 import analysis
 from analysis.heads import HEAD_SCORE_NAMES, model_head_scores, prompt_head_scores
 from components.prompt_panel import DEFAULT_PROMPT
-from tests.conftest import in_callback, needs_trained_induction
+from tests.conftest import in_callback
 
 MODEL = analysis.DEMO_MODEL
 PROMPT = "one two three four one two three four"
@@ -215,7 +215,6 @@ def test_layout_opens_with_no_arguments_and_with_a_link(page):
     assert find(linked, page.ALERT).is_open is True
 
 
-@needs_trained_induction
 def test_trained_demo_models_induction_and_previous_token_heads_stand_out(page, battery):
     # Holds for the trained memlens-demo weights, not for an untrained placeholder: its
     # strongest induction and previous-token heads are framed, named, and far above the rest.
