@@ -30,6 +30,7 @@ from dash import CeleryManager, DiskcacheManager
 from plotly.utils import PlotlyJSONEncoder
 
 from analysis.settings import Settings, get_settings
+from analysis.store import ForkSafeCache
 from components.jobs import BROWSER_COOKIE
 
 logger = logging.getLogger(__name__)
@@ -267,7 +268,7 @@ def make_background_manager(settings: Settings | None = None):
         celery_app = make_celery(settings.redis_url, settings.job_timeout_s)
         logger.info("long jobs run on Celery workers at %s", settings.redis_url)
         return RedisJobManager(celery_app, settings.redis_url, expire=expire), celery_app
-    jobs = diskcache.Cache(str(settings.cache_dir / "jobs"), disk=JobCacheDisk)
+    jobs = ForkSafeCache(str(settings.cache_dir / "jobs"), disk=JobCacheDisk)
     return LocalJobManager(jobs, expire=expire), None
 
 
@@ -382,6 +383,9 @@ def serve(settings: Settings | None = None) -> None:
             self.cfg.set("threads", 4)
             self.cfg.set("worker_class", "gthread")
             self.cfg.set("timeout", 120)
+            # Longer than a browser's pause between clicks, so that a worker does not close a
+            # kept-alive connection just as the next callback is sent on it (a reset request).
+            self.cfg.set("keepalive", 10)
             self.cfg.set("accesslog", None)
             # Links carry the prompt, so a long prompt makes a long request line.
             self.cfg.set("limit_request_line", 0)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import diskcache
 
 from analysis.settings import Settings, get_settings
-from analysis.store import CorruptEntryError, NoPickleDisk
+from analysis.store import CorruptEntryError, ForkSafeCache, NoPickleDisk
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def _alive(record: dict, now: float, timeout_s: float) -> bool:
 
 
 def _open_slots(settings: Settings) -> diskcache.Cache:
-    return diskcache.Cache(str(settings.cache_dir / SLOTS_DIR), disk=NoPickleDisk)
+    return ForkSafeCache(str(settings.cache_dir / SLOTS_DIR), disk=NoPickleDisk)
 
 
 def _read(slots: diskcache.Cache, key: str) -> dict[str, dict]:

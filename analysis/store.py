@@ -10,9 +10,12 @@ size with least-recently-used eviction.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import json
 import logging
+import os
 import sqlite3
 import threading
 import zlib
@@ -38,6 +41,65 @@ class CacheWriteError(ValueError):
     """The disk cache could not be opened or could not store an entry: the disk is full, or the
     directory is gone, read-only or not a directory. A ValueError, so pages show its message in
     their alert."""
+
+
+# SQLite and fork(). Dash starts each long job by forking the web worker. SQLite keeps the locks
+# of all connections to a database file in one table per process; a child forked while another
+# thread of the parent was inside a statement or a transaction inherits that table with the lock
+# still marked held, by a connection no thread of the child will ever finish. Every write of the
+# child then waits on it forever (diskcache retries a busy database), and so do the parent's
+# writers once the child holds a lock of its own: under load, the server stopped answering.
+# So every use of a disk cache holds this lock, and a fork takes it too: it waits until no
+# thread is inside SQLite, and no thread enters until the fork is done.
+_sqlite_gate = threading.RLock()
+
+
+def sqlite_gate() -> threading.RLock:
+    """The lock each disk-cache call holds and each ``os.fork()`` takes (see above)."""
+    return _sqlite_gate
+
+
+def _renew_gate_in_child() -> None:
+    global _sqlite_gate
+    _sqlite_gate = threading.RLock()  # only the forking thread lives on: start unlocked
+
+
+os.register_at_fork(
+    before=lambda: sqlite_gate().acquire(),
+    after_in_parent=lambda: sqlite_gate().release(),
+    after_in_child=_renew_gate_in_child,
+)
+
+
+def _gated(name: str):
+    """``diskcache.Cache.<name>``, called with :func:`sqlite_gate` held."""
+
+    @functools.wraps(getattr(diskcache.Cache, name))
+    def call(self, *args, **kwargs):
+        with sqlite_gate():
+            return getattr(diskcache.Cache, name)(self, *args, **kwargs)
+
+    return call
+
+
+class ForkSafeCache(diskcache.Cache):
+    """A ``diskcache.Cache`` whose every call holds :func:`sqlite_gate`, so that no process is
+    forked while a thread of it is inside SQLite. Values are read whole inside the call
+    (``read=True`` file handles are not offered)."""
+
+    @contextlib.contextmanager
+    def transact(self, retry: bool = False):
+        with sqlite_gate(), super().transact(retry):
+            yield
+
+
+_CACHE_CALLS = (
+    *("set", "add", "get", "pop", "delete", "touch", "incr", "decr", "expire", "evict"),
+    *("cull", "clear", "check", "volume", "__contains__", "__getitem__", "__setitem__"),
+    *("__delitem__", "__len__"),
+)
+for _name in _CACHE_CALLS:
+    setattr(ForkSafeCache, _name, _gated(_name))
 
 
 class NoPickleDisk(diskcache.Disk):
@@ -100,7 +162,7 @@ class ArrayStore:
     def __init__(self, directory: Path | str, size_limit_bytes: int):
         self.directory = Path(directory)
         try:
-            self._cache = diskcache.Cache(
+            self._cache = ForkSafeCache(
                 str(self.directory),
                 size_limit=int(size_limit_bytes),
                 eviction_policy="least-recently-used",

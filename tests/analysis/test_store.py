@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import pickle
+import threading
 
+import diskcache
 import numpy as np
 import pytest
 
 from analysis.store import (
     ATTN_SCALE,
     CorruptEntryError,
+    ForkSafeCache,
     decode_array,
     dequantize_attention,
     encode_array,
@@ -92,3 +95,53 @@ def test_evict_drops_one_analysis_only(store):
     store.evict("a")
     assert store.get_array("a/x") is None
     assert np.array_equal(store.get_array("b/x"), np.ones(3))
+
+
+def _write_in_child(cache, queue) -> None:
+    try:
+        cache.set("from-child", b"x", retry=False)
+        queue.put("ok")
+    except Exception as exc:  # reported to the parent, which asserts on it
+        queue.put(type(exc).__name__)
+
+
+def _fork_during_a_transaction(cache) -> str:
+    """Fork while another thread is inside a write transaction; what the child's write gave."""
+    import multiprocessing
+
+    inside, release = threading.Event(), threading.Event()
+
+    def hold_a_transaction():
+        with cache.transact():
+            cache.set("from-thread", b"y")
+            inside.set()
+            release.wait(5)
+
+    holder = threading.Thread(target=hold_a_transaction)
+    holder.start()
+    inside.wait(5)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    # A fork that waits for the transaction needs the holder to finish; let it go shortly.
+    threading.Timer(0.3, release.set).start()
+    child = context.Process(target=_write_in_child, args=(cache, queue))
+    child.start()
+    child.join(30)
+    holder.join()
+    return queue.get(timeout=5) if child.exitcode == 0 else f"exit {child.exitcode}"
+
+
+def test_a_job_forked_mid_transaction_can_still_write(tmp_path):
+    # Dash forks a web worker for every long job while other threads serve requests.
+    cache = ForkSafeCache(str(tmp_path / "safe"), timeout=2)
+
+    assert _fork_during_a_transaction(cache) == "ok"
+    assert cache.get("from-child") == b"x"
+
+
+def test_a_plain_diskcache_forked_mid_transaction_cannot_write(tmp_path):
+    # The hazard ForkSafeCache exists for: the child inherits SQLite's lock table with the
+    # parent thread's lock still marked held, and its own write can never get the database.
+    cache = diskcache.Cache(str(tmp_path / "plain"), timeout=2)
+
+    assert _fork_during_a_transaction(cache) == "Timeout"
