@@ -236,16 +236,21 @@ ON_LOAD = {
 }
 
 
-def open_page(http, path: str, search: str) -> str:
-    """Render ``path?search`` and run the page's first callback on what it rendered; the text
-    of the page's alert after both (the link's messages, then the analysis's)."""
+def render_page(http, path: str, search: str) -> dict:
+    """The props of the layout Dash pages renders for ``path?search``, as a browser gets it."""
     rendered = http.call(
         "dash.dash",
         "update",
         {"_pages_location.pathname": path, "_pages_location.search": search},
     )
     assert rendered.status == 200 and "Traceback" not in rendered.text
-    props = layout_props(rendered.get("_pages_content.children"))
+    return layout_props(rendered.get("_pages_content.children"))
+
+
+def open_page(http, path: str, search: str) -> str:
+    """Render ``path?search`` and run the page's first callback on what it rendered; the text
+    of the page's alert after both (the link's messages, then the analysis's)."""
+    props = render_page(http, path, search)
     module, name, alert_id = ON_LOAD[path]
     loaded = http.call(module, name, initial_values(http, props, module, name), changed=[])
     return alert_text(loaded, alert_id)

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from analysis.models import DEMO_MODEL
 from analysis.prompt import validate_prompt
-from tests.hardening.dash_http import initial_values, layout_props
+from tests.hardening.dash_http import initial_values
+from tests.hardening.test_bad_inputs import render_page
 
 FUZZ = settings(max_examples=25, deadline=None, derandomize=True, database=None)
 MAX_CHARS = 60
@@ -91,14 +92,8 @@ def test_any_link_opens_its_page(http, path):
     @FUZZ
     @given(queries)
     def opens(search):
-        rendered = http.call(
-            "dash.dash",
-            "update",
-            {"_pages_location.pathname": path, "_pages_location.search": search},
-        )
+        props = render_page(http, path, search)
 
-        assert rendered.status == 200 and "Traceback" not in rendered.text
-        props = layout_props(rendered.get("_pages_content.children"))
         assert any(key.endswith("-alert") for key in props)  # the page, not an error page
         if path == "/":
             # ...and the page's first callback copes with whatever the layout took from it.
