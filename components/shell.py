@@ -9,6 +9,7 @@ dash-bootstrap-templates template with :func:`figure_template`.
 from __future__ import annotations
 
 import dash_bootstrap_components as dbc
+import plotly.graph_objects as go
 import plotly.io as pio
 from dash import Input, Output, clientside_callback, dcc, html
 from dash_bootstrap_templates import load_figure_template
@@ -22,9 +23,21 @@ LIGHT_TEMPLATE = "bootstrap"
 DARK_TEMPLATE = "bootstrap_dark"
 
 
+# The trace types MemLens draws. The templates style two dozen others; every figure carries its
+# template, and plotly copies it three times on the way to JSON, so the rest is dropped.
+TRACE_TYPES = ("bar", "heatmap", "scatter")
+
+
 def load_figure_templates() -> None:
-    """Register the light and dark Bootstrap figure templates with plotly.io (light default)."""
+    """Register the light and dark Bootstrap figure templates with plotly.io (light default),
+    styling only :data:`TRACE_TYPES`."""
     load_figure_template([LIGHT_TEMPLATE, DARK_TEMPLATE])
+    for name in (LIGHT_TEMPLATE, DARK_TEMPLATE):
+        template = pio.templates[name]
+        data = template.data.to_plotly_json()
+        pio.templates[name] = go.layout.Template(
+            layout=template.layout, data={kind: data[kind] for kind in TRACE_TYPES if kind in data}
+        )
 
 
 def figure_template(dark: bool | None) -> str:

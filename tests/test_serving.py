@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 
 import dash
 import pytest
@@ -93,3 +94,17 @@ def test_manager_is_celery_with_redis(tmp_path):
     assert celery_app.conf.broker_url == "redis://127.0.0.1:1/0"
     # Jobs stop themselves at the timeout; the worker kills a stuck one a minute later.
     assert celery_app.conf.task_time_limit == 900 + 60
+
+
+def test_long_jobs_run_below_the_web_workers_cpu_priority(tmp_path):
+    manager, _ = serving.make_background_manager(settings_with(tmp_path))
+    seen = tmp_path / "niceness"
+
+    def job_fn(key, progress_key, args, context):  # what Dash runs in the job process
+        seen.write_text(str(os.nice(0)))
+
+    pid = manager.call_job_fn("key", job_fn, (), {})
+    os.waitpid(pid, 0)
+
+    expected = min(19, os.nice(0) + serving.LocalJobManager.JOB_NICENESS)
+    assert int(seen.read_text()) == expected

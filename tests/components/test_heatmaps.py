@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import plotly.graph_objects as go
+import plotly.io as pio
 import pytest
 from dash._utils import to_json
 
@@ -20,6 +21,7 @@ from components.heatmaps import (
     parse_overview_click,
     parse_panel_click,
 )
+from components.shell import DARK_TEMPLATE, LIGHT_TEMPLATE, TRACE_TYPES, load_figure_templates
 from tests.conftest import ATOL
 
 MB = 1_000_000
@@ -153,3 +155,12 @@ def test_every_figure_passes_plotly_validation(dark):
         scales = [trace.colorscale for trace in figure.data if trace.colorscale is not None]
         scales += [figure.layout.coloraxis.colorscale] if figure.layout.coloraxis.colorscale else []
         assert all(not isinstance(scale, str) for scale in scales), "names differ in plotly.js"
+
+
+def test_figure_templates_style_only_the_trace_types_memlens_draws():
+    load_figure_templates()
+
+    for name in (LIGHT_TEMPLATE, DARK_TEMPLATE):
+        template = pio.templates[name]
+        assert set(template.data.to_plotly_json()) == set(TRACE_TYPES)
+        assert template.layout.paper_bgcolor  # the Bootstrap look is kept
