@@ -12,7 +12,8 @@ answers), one after another on new prompts, so a sweep is running for the whole 
 
 A short warm-up (not counted) lets every web worker load the model before the clock starts.
 Prints request and per-click latency (p50, p95, max), errors, finished sweeps, and the machine's
-load. The client runs on the same machine as the server and takes CPU from it.
+load. The client runs on the same machine as the server and takes CPU from it; its users are
+spread over ``--client-processes`` processes, so that no one client GIL queues their requests.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/load.py --users 50 --seconds 60 --workers 4
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import multiprocessing
 import os
 import random
 import signal
@@ -166,6 +168,18 @@ class Recorder:
         with self.lock:
             self.errors.append(message)
 
+    def parts(self) -> tuple:
+        """What a client process sends back (a lock does not cross processes)."""
+        return self.requests, self.by_callback, self.clicks, self.errors
+
+    def merge(self, parts: tuple) -> None:
+        requests, by_callback, clicks, errors = parts
+        self.requests += requests
+        for name, values in by_callback.items():
+            self.by_callback.setdefault(name, []).extend(values)
+        self.clicks += clicks
+        self.errors += errors
+
 
 def callback_name(dependency: dict) -> str:
     first = dependency["output"].strip(".").split("...")[0]
@@ -202,6 +216,21 @@ def user(url, data, fired, stop_at, think, recorder, seed, count=True):
             list(pool.map(fire, fired[prop]))
             if count:
                 recorder.click(time.perf_counter() - started)
+
+
+def user_group(url, data, fired, stop_at, think, seeds, queue) -> None:
+    """Some of the users, in a client process of their own. In one process, the 200 threads of
+    50 users would queue for its GIL, and that wait would be counted as the server's."""
+    recorder = Recorder()
+    threads = [
+        threading.Thread(target=user, args=(url, data, fired, stop_at, think, recorder, seed))
+        for seed in seeds
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    queue.put(recorder.parts())
 
 
 def sweeper(url, stop_at, results, errors):
@@ -256,9 +285,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=4, help="gunicorn web workers (4)")
     parser.add_argument("--think", type=float, default=1.0, help="mean think time, s (1.0)")
     parser.add_argument("--no-sweep", action="store_true", help="no ablation sweeps meanwhile")
+    parser.add_argument(
+        "--client-processes", type=int, default=4, help="processes the users are spread over (4)"
+    )
     args = parser.parse_args(argv)
-    if args.users < 1 or args.seconds <= 0 or args.workers < 1 or args.think < 0:
-        parser.error("--users and --workers must be >= 1, --seconds > 0, --think >= 0")
+    if (
+        min(args.users, args.workers, args.client_processes) < 1
+        or args.seconds <= 0
+        or args.think < 0
+    ):
+        parser.error(
+            "--users, --workers and --client-processes must be >= 1, --seconds > 0, --think >= 0"
+        )
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -315,12 +353,26 @@ def run(args, url: str, server: subprocess.Popen) -> int:
     threads = []
     if not args.no_sweep:
         threads.append(threading.Thread(target=sweeper, args=(url, stop_at, sweeps, sweep_errors)))
-    for i in range(args.users):
-        threads.append(
-            threading.Thread(target=user, args=(url, data, fired, stop_at, args.think, recorder, i))
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    groups = [
+        context.Process(
+            target=user_group,
+            args=(url, data, fired, stop_at, args.think, seeds, queue),
         )
+        for seeds in (
+            range(args.users)[k :: args.client_processes] for k in range(args.client_processes)
+        )
+        if seeds
+    ]
+    for process in groups:
+        process.start()
     for thread in threads:
         thread.start()
+    for _ in groups:
+        recorder.merge(queue.get(timeout=args.seconds + 300))
+    for process in groups:
+        process.join()
     for thread in threads:
         thread.join()
     elapsed = time.perf_counter() - wall
