@@ -191,12 +191,10 @@ def sinusoidal_positions(n_ctx: int, d_model: int) -> torch.Tensor:
     return table
 
 
-def _repeat_loss_ratio(model, half: torch.Tensor) -> float:
-    """Mean loss on the second copy of ``half`` over that on the first (tokens 1 on)."""
-    tokens = torch.cat([half, half], dim=1)
-    seg_len = half.shape[1]
-    with torch.no_grad():
-        logprobs = model(tokens).logits.log_softmax(-1)[:, :-1]
+def _repeat_loss_ratio(logits: torch.Tensor, tokens: torch.Tensor, seg_len: int) -> float:
+    """Mean loss on the second copy of a ``seg_len`` segment repeated twice in ``tokens`` over
+    that on the first (tokens 1 on), from the model's ``logits`` for them."""
+    logprobs = logits.log_softmax(-1)[:, :-1]
     loss = -logprobs.gather(-1, tokens[:, 1:, None])[..., 0].mean(0)
     return float(loss[seg_len:].mean()) / float(loss[: seg_len - 1].mean())
 
@@ -214,8 +212,6 @@ def memory_scores(
     with torch.no_grad():
         out = model(tokens, output_attentions=True)
     model.set_attn_implementation("sdpa")
-    logprobs = out.logits.log_softmax(-1)[:, :-1]
-    loss = -logprobs.gather(-1, tokens[:, 1:, None])[..., 0].mean(0)
     induction, previous = 0.0, 0.0
     for pattern in out.attentions:  # [batch, head, q, k]
         q = torch.arange(seg_len, 2 * seg_len)
@@ -224,12 +220,18 @@ def memory_scores(
         prev = pattern[:, :, q1, q1 - 1].mean(dim=(0, 2))
         induction = max(induction, float(ind.max()))
         previous = max(previous, float(prev.max()))
-    first, second = float(loss[: seg_len - 1].mean()), float(loss[seg_len:].mean())
-    scores = {"induction": induction, "previous_token": previous, "loss_ratio": second / first}
+    scores = {
+        "induction": induction,
+        "previous_token": previous,
+        "loss_ratio": _repeat_loss_ratio(out.logits, tokens, seg_len),
+    }
     if stream is not None:
         starts = np.random.default_rng(seed).integers(0, len(stream) - seg_len, size=16)
-        text = torch.from_numpy(np.stack([stream[s : s + seg_len] for s in starts]))
-        scores["text_loss_ratio"] = _repeat_loss_ratio(model, text)
+        half = torch.from_numpy(np.stack([stream[s : s + seg_len] for s in starts]))
+        text = torch.cat([half, half], dim=1)
+        with torch.no_grad():
+            logits = model(text).logits
+        scores["text_loss_ratio"] = _repeat_loss_ratio(logits, text, seg_len)
     return scores
 
 
