@@ -14,6 +14,8 @@ import dash_bootstrap_components as dbc
 from dash import callback_context, set_props
 from dash.exceptions import BackgroundCallbackError
 
+from components.url_state import clip
+
 logger = logging.getLogger(__name__)
 
 APP_ALERT = "app-alert"
@@ -67,9 +69,7 @@ def callback_error_message(error: Exception) -> str:
             f"MemLens could not answer this request ({type(error).__name__}); reload the page. "
             "The server log has the details."
         )
-    if len(text) > MAX_MESSAGE_CHARS:
-        text = text[: MAX_MESSAGE_CHARS - 1] + "…"
-    return text
+    return clip(text, MAX_MESSAGE_CHARS)
 
 
 def show_callback_error(error: Exception) -> None:

@@ -42,7 +42,7 @@ from components.export import (
     send_bundle,
     send_figure,
 )
-from components.url_state import as_index
+from components.url_state import as_index, clip
 
 logger = logging.getLogger(__name__)
 
@@ -247,10 +247,7 @@ def figure_download(request: dict | None, graph: str) -> tuple[dict | None, str]
     except ValueError as exc:
         logger.info("figure download refused: %s", exc)
         # Plotly's own messages span many indented lines; the toolbar has room for one.
-        text = " ".join(str(exc).split())
-        if len(text) > MAX_MESSAGE_CHARS:
-            text = text[: MAX_MESSAGE_CHARS - 1] + "…"
-        return None, f"Cannot download: {text}"
+        return None, f"Cannot download: {clip(' '.join(str(exc).split()), MAX_MESSAGE_CHARS)}"
     except Exception:  # noqa: BLE001 - a download must never take the page down
         logger.exception("figure download of %s as %s failed", graph, fmt)
         return None, "The download failed on the server; the log has the details."

@@ -14,9 +14,14 @@ from collections.abc import Collection, Mapping
 SHORT_LENGTH = 40
 
 
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, the last one an ellipsis when anything was cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def short(text: str) -> str:
     """``text`` quoted for a message, cut with an ellipsis past :data:`SHORT_LENGTH` characters."""
-    return repr(text if len(text) <= SHORT_LENGTH else text[: SHORT_LENGTH - 1] + "…")
+    return repr(clip(text, SHORT_LENGTH))
 
 
 def as_index(value: object) -> int | None:
