@@ -21,11 +21,9 @@ spread over ``--client-processes`` processes, so that no one client GIL queues t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import multiprocessing
 import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -42,6 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.dash_http import DashClient  # noqa: E402
+from bench.processes import free_port, start, stop  # noqa: E402
 
 MODEL = "memlens-demo"
 PROMPT = (
@@ -61,14 +60,6 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_server(port: int, workers: int, cache_dir: str) -> subprocess.Popen:
     env = {
         **os.environ,
@@ -78,26 +69,7 @@ def start_server(port: int, workers: int, cache_dir: str) -> subprocess.Popen:
         "MEMLENS_REDIS_URL": "",
     }
     command = [sys.executable, "app.py", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    return subprocess.Popen(
-        [*command, "--workers", str(workers)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=open(Path(cache_dir) / "server.log", "w"),  # noqa: SIM115 - closed with the process
-        start_new_session=True,
-    )
-
-
-def stop_server(server: subprocess.Popen) -> None:
-    """SIGTERM to gunicorn and its workers; SIGKILL whatever is left after 40 s."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.pid, signal.SIGTERM)
-    try:
-        server.wait(40)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGKILL)
-        server.wait(5)
+    return start([*command, "--workers", str(workers)], env, Path(cache_dir) / "server.log")
 
 
 def wait_until_up(url: str, server: subprocess.Popen, timeout_s: float = 180) -> None:
@@ -309,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"server log (last 3000 characters):\n{log[-3000:]}", file=sys.stderr)
             raise
         finally:
-            stop_server(server)
+            stop([server], grace_s=40)
 
 
 def run(args, url: str, server: subprocess.Popen) -> int:

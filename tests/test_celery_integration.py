@@ -7,12 +7,8 @@ Celery worker's answer with the same job run in this process.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,8 +19,9 @@ import requests
 
 from analysis.jobs import job_slot
 from analysis.prompt_sets import parse_prompt_text, run_prompt_set
-from analysis.settings import REPO_ROOT, Settings
+from analysis.settings import Settings
 from bench.dash_http import DashClient
+from bench.processes import free_port, start, stop
 from components.jobs import BROWSER_COOKIE
 from tests.conftest import ATOL
 
@@ -44,38 +41,6 @@ pytestmark = [
         reason="redis-server is not installed (make system-deps installs it)",
     ),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start(command: list[str], env: dict, log: Path) -> subprocess.Popen:
-    """A process in its own session, so teardown can end it and its children together."""
-    return subprocess.Popen(
-        command,
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def stop(processes: list[subprocess.Popen]) -> None:
-    """Ask every process to stop at once, then kill what is still running after 10 s."""
-    for process in processes:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-    for process in processes:
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(5)
 
 
 @pytest.fixture
