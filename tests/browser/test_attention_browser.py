@@ -55,7 +55,7 @@ def open_and_analyse(dash_duo, app, prompt=PROMPT):
     box.send_keys(prompt)
     dash_duo.find_element("#attention-analyse").click()
     # The address bar follows the view once the analysis is in.
-    wait_until(lambda: f"prompt={quote_plus(PROMPT)}" in dash_duo.driver.current_url)
+    wait_until(lambda: f"prompt={quote_plus(prompt)}" in dash_duo.driver.current_url)
     wait_until(lambda: head_z(dash_duo))
 
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.browser.test_attention_browser import WAIT, clear, wait_until
+from tests.browser.test_attention_browser import open_and_analyse, wait_until
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -41,13 +41,7 @@ def assert_nothing_ran(dash_duo) -> None:
 
 
 def test_script_typed_as_a_prompt_is_shown_as_text_and_never_runs(dash_duo, memlens_app):
-    dash_duo.start_server(memlens_app.app)
-    dash_duo.wait_for_element("#attention-head-figure .js-plotly-plot", timeout=WAIT)
-    box = dash_duo.find_element("#attention-prompt")
-    clear(box)
-    box.send_keys(PAYLOAD)
-
-    dash_duo.find_element("#attention-analyse").click()
+    open_and_analyse(dash_duo, memlens_app, PAYLOAD)
     wait_until(lambda: "__pwned=1" in strip_text(dash_duo))
 
     assert_nothing_ran(dash_duo)
@@ -55,8 +49,7 @@ def test_script_typed_as_a_prompt_is_shown_as_text_and_never_runs(dash_duo, meml
     assert not any(alert.is_displayed() for alert in alerts)  # a closed alert is not rendered
 
     # The address bar now holds the prompt; opening that link shows it again, still inert.
-    link = wait_until(lambda: "__pwned" in (url := dash_duo.driver.current_url) and url)
-    dash_duo.driver.get(link)
+    dash_duo.driver.get(dash_duo.driver.current_url)
     wait_until(lambda: "__pwned=1" in strip_text(dash_duo))
     assert_nothing_ran(dash_duo)
     assert dash_duo.get_logs() == [], "the browser console reported errors"
