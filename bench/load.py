@@ -162,7 +162,11 @@ def user(url, data, fired, stop_at, think, recorder, seed, count=True):
     """One browser on the Attention page, switching layers and heads until ``stop_at``."""
     rng = random.Random(seed)
     client = DashClient(url, dependencies=fired["all"])
-    client.open("/")
+    try:
+        client.open("/")
+    except Exception as exc:  # a user who cannot load the page is an error, not a silent exit
+        recorder.error(f"open /: {str(exc)[:200]}")
+        return
     state = {LAYER: 0, HEAD: 0}
     base = {"attention-analysis.data": data, "app-color-mode.value": False}
     with ThreadPoolExecutor(max_workers=4) as pool:
@@ -274,14 +278,15 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="memlens-load-") as cache_dir:
         server = start_server(port, args.workers, cache_dir)
+        failed = True
         try:
-            return run(args, url, server)
-        except BaseException:
-            log = (Path(cache_dir) / "server.log").read_text()
-            print(f"server log (last 3000 characters):\n{log[-3000:]}", file=sys.stderr)
-            raise
+            failed = run(args, url, server) != 0
+            return int(failed)
         finally:
             stop([server], grace_s=40)
+            if failed:
+                log = (Path(cache_dir) / "server.log").read_text()
+                print(f"server log (last 3000 characters):\n{log[-3000:]}", file=sys.stderr)
 
 
 def run(args, url: str, server: subprocess.Popen) -> int:

@@ -715,7 +715,28 @@ clientside_callback(
 )
 
 
-@callback(
+# The address bar follows the view in the browser: a switch then costs one server request
+# fewer. The query is the one view_search builds (same keys, form-encoded), which
+# parse_view_query reads back; the browser tests check the round trip.
+clientside_callback(
+    """
+    function(data, layer, head, token) {
+        if (!data) { return window.dash_clientside.no_update; }
+        const index = value => {
+            const number = Number(value);
+            const ok = typeof value !== 'boolean' && value !== null && value !== ''
+                && Number.isInteger(number) && number >= 0;
+            return ok ? number : null;
+        };
+        const params = new URLSearchParams({
+            model: data.model, prompt: data.prompt,
+            layer: index(layer) ?? 0, head: index(head) ?? 0,
+        });
+        if (index(token) !== null) { params.set('token', index(token)); }
+        if (data.truncate) { params.set('truncate', 1); }
+        return '?' + params.toString();
+    }
+    """,
     Output(URL, "search"),
     Input(ANALYSIS, "data"),
     Input(LAYER, "value"),
@@ -723,6 +744,3 @@ clientside_callback(
     Input(TOKEN, "data"),
     prevent_initial_call=True,
 )
-def sync_url(data, layer, head, token):
-    """Keep the address bar on a link that reopens this view."""
-    return view_search(data, layer, head, token) or no_update

@@ -291,11 +291,11 @@ def test_clicking_a_heatmap_row_selects_its_query_token(attention_page):
     assert page.token_from_heatmap_click(None) is None
 
 
-def test_url_reopens_the_same_view(attention_page):
+def test_the_recent_views_link_reopens_the_same_view(attention_page):
     page = attention_page
     data = {"model": "memlens-demo", "prompt": "a & b?\n=c #d", "n_layers": 3, "n_heads": 4}
 
-    search = page.sync_url(data, "2", "1", 5)
+    search = page.view_search(data, "2", "1", 5)
 
     query = {key: values[0] for key, values in parse_qs(search[1:]).items()}
     state, messages = page.parse_view_query(query, default_model="memlens-demo")

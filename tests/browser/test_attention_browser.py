@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from urllib.parse import quote_plus
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from selenium.webdriver.common.keys import Keys
@@ -40,6 +40,12 @@ def head_z(dash_duo) -> str:
     )
 
 
+def url_query(dash_duo) -> dict[str, str]:
+    """The address bar's query parameters, decoded (the first value of each)."""
+    query = parse_qs(urlsplit(dash_duo.driver.current_url).query)
+    return {key: values[0] for key, values in query.items()}
+
+
 def clear(element) -> None:
     """Empty a React-controlled text box (selenium's ``clear()`` bypasses React's onChange)."""
     element.send_keys(Keys.CONTROL, "a")
@@ -55,7 +61,7 @@ def open_and_analyse(dash_duo, app, prompt=PROMPT):
     box.send_keys(prompt)
     dash_duo.find_element("#attention-analyse").click()
     # The address bar follows the view once the analysis is in.
-    wait_until(lambda: f"prompt={quote_plus(prompt)}" in dash_duo.driver.current_url)
+    wait_until(lambda: url_query(dash_duo).get("prompt") == prompt)
     wait_until(lambda: head_z(dash_duo))
 
 
@@ -91,21 +97,30 @@ def test_clicking_a_token_highlights_it_and_shows_its_attention_flow(dash_duo, m
     dash_duo.wait_for_contains_text("#attention-token-flow-caption", "Token 3", timeout=WAIT)
     chip = dash_duo.find_elements("#attention-token-strip button")[3]
     wait_until(lambda: "ml-token-selected" in chip.get_attribute("class"))
-    assert "token=3" in dash_duo.driver.current_url
+    assert url_query(dash_duo)["token"] == "3"
 
 
 def test_a_copied_link_reopens_the_same_view(dash_duo, memlens_app):
-    open_and_analyse(dash_duo, memlens_app)
+    # Characters that mean something in a URL, and a new line, must survive the round trip.
+    prompt = "Tom & Jerry? 50% =off #1 ~ok *yes +plus\nOne two three four."
+    open_and_analyse(dash_duo, memlens_app, prompt)
     Select(dash_duo.find_element("#attention-layer")).select_by_value("1")
     Select(dash_duo.find_element("#attention-head")).select_by_value("3")
     dash_duo.wait_for_contains_text("#attention-head-caption", "L1 H3", timeout=WAIT)
-    link = wait_until(lambda: "head=3" in (url := dash_duo.driver.current_url) and url)
+    wait_until(lambda: url_query(dash_duo).get("head") == "3")
+    link = dash_duo.driver.current_url
+    assert url_query(dash_duo) == {
+        "model": "memlens-demo",
+        "prompt": prompt,
+        "layer": "1",
+        "head": "3",
+    }
 
     dash_duo.driver.get("about:blank")
     dash_duo.driver.get(link)
 
     dash_duo.wait_for_contains_text("#attention-head-caption", "L1 H3", timeout=WAIT)
-    assert dash_duo.find_element("#attention-prompt").get_attribute("value") == PROMPT
+    assert dash_duo.find_element("#attention-prompt").get_attribute("value") == prompt
     assert dash_duo.find_elements("#attention-token-strip button")
 
 
