@@ -15,8 +15,6 @@ import re
 from collections.abc import Sequence
 
 import numpy as np
-import plotly.graph_objects as go
-import plotly.io as pio
 from dash import html
 
 from components.compare import (
@@ -26,6 +24,7 @@ from components.compare import (
     signed_block_extreme,
     symmetric_range,
 )
+from components.figures import Figure, themed_figure
 from components.heatmaps import (
     attention_colorscale,
     block_starts,
@@ -33,7 +32,6 @@ from components.heatmaps import (
     downsample_attention,
     span_label,
 )
-from components.shell import figure_template
 from components.tokens import TOKEN_CLASS, display_token, plotly_text, token_button_id, token_label
 
 FAILURE_CLASS = "ml-token-failure"
@@ -47,11 +45,6 @@ _HELPED_COLOR = "#198754"
 MAX_PATTERN_SIDE = 128
 _PATTERN_TICKS = 24  # token labels per axis of a pattern panel
 _CELL = re.compile(r"^([LH])(\d+)$")
-
-
-def _figure(traces: list[dict], layout: dict, *, dark: bool) -> go.Figure:
-    template = pio.templates[figure_template(dark)]
-    return go.Figure(traces, layout={**layout, "template": template}, _validate=False)
 
 
 def hurt_colorscale(dark: bool) -> list:
@@ -87,7 +80,7 @@ def make_loss_figure(
     title: str = "",
     dark: bool = False,
     height: int = 300,
-) -> go.Figure:
+) -> Figure:
     """Per-token loss before and after the ablation, failures marked with a red cross.
 
     Args:
@@ -152,7 +145,7 @@ def make_loss_figure(
         "yaxis": {"title": {"text": "loss (nats)"}, "rangemode": "tozero"},
         "legend": {"orientation": "h", "x": 0, "xanchor": "left", "y": 1.02, "yanchor": "bottom"},
     }
-    return _figure(traces, layout, dark=dark)
+    return themed_figure(traces, layout, dark=dark)
 
 
 def make_delta_loss_figure(
@@ -162,7 +155,7 @@ def make_delta_loss_figure(
     title: str = "",
     dark: bool = False,
     height: int = 260,
-) -> go.Figure:
+) -> Figure:
     """Δloss per predicted token as bars: red where the ablation hurt, green where it helped.
 
     Args:
@@ -194,7 +187,7 @@ def make_delta_loss_figure(
         "yaxis": {"title": {"text": "Δloss (nats)"}, "zeroline": True},
         "showlegend": False,
     }
-    return _figure([trace], layout, dark=dark)
+    return themed_figure([trace], layout, dark=dark)
 
 
 def make_sweep_heatmap(
@@ -203,7 +196,7 @@ def make_sweep_heatmap(
     title: str = "",
     value_name: str = "Δ mean loss",
     dark: bool = False,
-) -> go.Figure:
+) -> Figure:
     """Layers down, heads across: the loss change when each head alone is ablated.
 
     Args:
@@ -230,7 +223,7 @@ def make_layer_sweep_heatmap(
     title: str = "",
     value_name: str = "Δ mean loss",
     dark: bool = False,
-) -> go.Figure:
+) -> Figure:
     """Layers down, two columns (whole attention layer, MLP layer) of the loss change.
 
     Args:
@@ -246,7 +239,7 @@ def make_layer_sweep_heatmap(
     return _signed_heatmap(values, (kinds, kinds), (layers, layers), "", title, value_name, dark)
 
 
-def _signed_heatmap(values, x, y, x_title, title, value_name, dark) -> go.Figure:
+def _signed_heatmap(values, x, y, x_title, title, value_name, dark) -> Figure:
     peak = symmetric_range(values, floor=0.05)
     figure = make_value_heatmap(
         values,
@@ -263,7 +256,7 @@ def _signed_heatmap(values, x, y, x_title, title, value_name, dark) -> go.Figure
         height=min(600, 110 + 40 * values.shape[0]),
         show_values=True,
     )
-    figure.data[0].colorscale = hurt_colorscale(dark)
+    figure["data"][0]["colorscale"] = hurt_colorscale(dark)
     return figure
 
 
@@ -290,7 +283,7 @@ def make_attention_change_heatmap(
     selected: tuple[int, int] | None = None,
     title: str = "",
     dark: bool = False,
-) -> go.Figure:
+) -> Figure:
     """Layers down, heads across: how far each head's attention moved after the ablation.
 
     Blank rows are layers the ablation cannot reach (its own layer and those below).
@@ -341,7 +334,7 @@ def make_attention_change_heatmap(
         shapes=shapes,
         show_values=True,
     )
-    figure.data[0].colorscale = attention_colorscale(dark)
+    figure["data"][0]["colorscale"] = attention_colorscale(dark)
     return figure
 
 
@@ -366,7 +359,7 @@ def make_pattern_comparison(
     dark: bool = False,
     max_side: int = MAX_PATTERN_SIDE,
     height: int = 420,
-) -> go.Figure:
+) -> Figure:
     """One head's attention before the ablation, after it, and after − before, side by side.
 
     Queries run down and keys across. Long prompts are shown in blocks of tokens: before and
@@ -470,7 +463,7 @@ def make_pattern_comparison(
             "colorbar": {**colorbar, "x": 0.977, "title": {"text": "Δ", "side": "right"}},
         },
     }
-    return _figure(traces, layout, dark=dark)
+    return themed_figure(traces, layout, dark=dark)
 
 
 # --- Widgets -----------------------------------------------------------------------------------

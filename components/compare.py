@@ -12,13 +12,11 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-import plotly.graph_objects as go
-import plotly.io as pio
 from dash import dash_table, html
 from plotly.colors import diverging, make_colorscale
 
+from components.figures import Figure, themed_figure
 from components.heatmaps import block_starts, causal_blocks
-from components.shell import figure_template
 from components.tokens import display_token, plotly_text
 
 # Red below zero, blue above. Given as colours, not as the name "RdBu": plotly.js's own
@@ -110,12 +108,6 @@ def token_axis_labels(str_tokens: Sequence[str]) -> tuple[list[str], list[str]]:
 # --- Figures ---------------------------------------------------------------------------------
 
 
-def _figure(traces: list[dict], layout: dict, *, dark: bool) -> go.Figure:
-    """A figure from dicts with the colour mode's template, unvalidated (as in heatmaps.py)."""
-    template = pio.templates[figure_template(dark)]
-    return go.Figure(traces, layout={**layout, "template": template}, _validate=False)
-
-
 def _category_axis(labels: list[str], ticks: list[str], title: str) -> dict:
     """A category axis labelled with ``ticks``, every one when they fit, else a subset."""
     every = max(1, math.ceil(len(labels) / LABELLED_TICKS))
@@ -148,7 +140,7 @@ def make_value_heatmap(
     height: int = 420,
     shapes: list[dict] | None = None,
     show_values: bool = False,
-) -> go.Figure:
+) -> Figure:
     """A labelled heatmap of any ``[rows, cols]`` array (NaN cells blank).
 
     Args:
@@ -203,7 +195,7 @@ def make_value_heatmap(
         "yaxis": {**_category_axis(*y, y_title), "autorange": "reversed"},
         "shapes": shapes or [],
     }
-    return _figure([heatmap], layout, dark=dark)
+    return themed_figure([heatmap], layout, dark=dark)
 
 
 def highlight_shape(axis: str, index: int, *, dark: bool = False) -> dict:
@@ -234,7 +226,7 @@ def make_attention_difference(
     height: int = 420,
     selected_pair: int | None = None,
     max_side: int = MAX_DIFFERENCE_SIDE,
-) -> go.Figure:
+) -> Figure:
     """One head's attention of A minus B on aligned queries (down) and keys (across).
 
     Cells above the diagonal are blank: with pairs increasing in both prompts they are future
@@ -289,7 +281,7 @@ def make_patching_heatmap(
     pos_labels: tuple[list[str], list[str]],
     title: str = "",
     dark: bool = False,
-) -> go.Figure:
+) -> Figure:
     """A patching sweep: 0 is the corrupted run, 1 the clean run (blue restores, red hurts).
 
     Args:
@@ -336,7 +328,7 @@ def make_measure_chart(
     name: str,
     *,
     dark: bool = False,
-) -> go.Figure:
+) -> Figure:
     """One bar per prompt (``line N`` on the axis) of the measure ``column``; the hover shows
     the prompt.
 
@@ -366,7 +358,7 @@ def make_measure_chart(
         "xaxis": {"type": "category", "automargin": True, "tickangle": -45},
         "yaxis": {"automargin": True, "title": {"text": plotly_text(name)}},
     }
-    return _figure([bars], layout, dark=dark)
+    return themed_figure([bars], layout, dark=dark)
 
 
 def _shorten(text: str, limit: int) -> str:

@@ -18,7 +18,6 @@ button that builds a report bundle (:func:`components.export.send_bundle`) of it
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import logging
@@ -28,7 +27,6 @@ from pathlib import PurePath
 from urllib.parse import parse_qs
 
 import dash_bootstrap_components as dbc
-import numpy as np
 import plotly.graph_objects as go
 from dash import MATCH, Input, Output, State, callback, clientside_callback, dcc, html, no_update
 
@@ -42,6 +40,7 @@ from components.export import (
     send_bundle,
     send_figure,
 )
+from components.figures import as_plotly
 from components.url_state import as_index, clip
 
 logger = logging.getLogger(__name__)
@@ -62,17 +61,6 @@ DEFAULT_FORMAT = "png"
 MAX_MESSAGE_CHARS = 300
 # URL query keys that name what a figure shows, in file-name order, with their prefixes.
 _NAME_KEYS = (("layer", "L"), ("head", "H"), ("score", ""), ("metric", ""))
-_DTYPES = {
-    "i1": "<i1",
-    "u1": "<u1",
-    "u1c": "<u1",
-    "i2": "<i2",
-    "u2": "<u2",
-    "i4": "<i4",
-    "u4": "<u4",
-    "f4": "<f4",
-    "f8": "<f8",
-}
 
 
 # --- Figure toolbar ----------------------------------------------------------------------------
@@ -152,24 +140,6 @@ def make_figure_download(graph_id: str | dict, *, fmt: str = DEFAULT_FORMAT) -> 
     )
 
 
-def decode_typed_arrays(value):
-    """``value`` with plotly's base64 typed arrays (``{"dtype", "bdata", "shape"}``) as numpy.
-
-    Figures reach the browser with numpy arrays packed that way, and come back so.
-    """
-    if isinstance(value, dict):
-        if isinstance(value.get("bdata"), str) and value.get("dtype") in _DTYPES:
-            array = np.frombuffer(base64.b64decode(value["bdata"]), dtype=_DTYPES[value["dtype"]])
-            shape = value.get("shape")
-            if isinstance(shape, str):
-                shape = [int(part) for part in shape.split(",") if part.strip()]
-            return array.reshape(shape) if shape else array
-        return {key: decode_typed_arrays(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [decode_typed_arrays(item) for item in value]
-    return value
-
-
 def figure_from_state(figure: object) -> go.Figure:
     """A graph's ``figure`` as the browser sent it back, as a plotly figure with numpy arrays.
 
@@ -178,11 +148,10 @@ def figure_from_state(figure: object) -> go.Figure:
     """
     if not isinstance(figure, dict):
         raise ValueError("there is no figure here to download yet")
-    decoded = decode_typed_arrays(figure)
-    if not decoded.get("data"):
+    if not figure.get("data"):
         raise ValueError("this figure is still empty: analyse or run something first")
     # Unvalidated, like the figures the app builds: what plotly.js drew is what gets saved.
-    return go.Figure(decoded, _validate=False)
+    return as_plotly(figure)
 
 
 def download_filename(graph: str, search: str | None = None) -> str:
@@ -442,7 +411,6 @@ __all__ = [
     "REQUEST_TYPE",
     "SCALE_TYPE",
     "ReportDownloadIds",
-    "decode_typed_arrays",
     "download_filename",
     "figure_download",
     "figure_from_state",

@@ -53,6 +53,7 @@ from analysis.bundle import (
     zip_files,
 )
 from analysis.settings import REPO_ROOT
+from components.figures import Figure, as_plotly, template_layout
 from components.heatmaps import (
     downsample_attention,
     make_attention_heatmap,
@@ -60,7 +61,6 @@ from components.heatmaps import (
     make_model_overview,
     overview_starts,
 )
-from components.shell import figure_template
 from components.tokens import plotly_text, token_label
 
 logger = logging.getLogger(__name__)
@@ -286,15 +286,16 @@ def check_scale(scale: float) -> float:
     return float(scale)
 
 
-def image_size(figure: go.Figure) -> tuple[int, int]:
+def image_size(figure: Figure | go.Figure) -> tuple[int, int]:
     """``(width, height)`` in CSS pixels that an image of ``figure`` gets at scale 1."""
+    figure = as_plotly(figure)
     width = figure.layout.width or DEFAULT_WIDTH
     height = figure.layout.height or DEFAULT_HEIGHT
     return int(width), int(height)
 
 
 def figure_image(
-    figure: go.Figure,
+    figure: Figure | go.Figure,
     fmt: str = "png",
     *,
     scale: float = DEFAULT_SCALE,
@@ -320,6 +321,7 @@ def figure_image(
     if fmt not in IMAGE_FORMATS:
         raise ValueError(f"images are {' or '.join(IMAGE_FORMATS)}, not {fmt!r}")
     scale = check_scale(scale)
+    figure = as_plotly(figure)
     own_width, own_height = image_size(figure)
     opts = {
         "format": fmt,
@@ -344,10 +346,14 @@ def figure_image(
 # HTML and data.
 
 
-def figure_html(figure: go.Figure, *, title: str = "MemLens figure") -> bytes:
+def figure_html(figure: Figure | go.Figure, *, title: str = "MemLens figure") -> bytes:
     """One HTML page of ``figure``, interactive and offline: plotly.js is inlined (~4.7 MB)."""
     page = pio.to_html(
-        figure, include_plotlyjs=True, full_html=True, config=_HTML_CONFIG, validate=False
+        as_plotly(figure),
+        include_plotlyjs=True,
+        full_html=True,
+        config=_HTML_CONFIG,
+        validate=False,
     )
     # plotly's page has no <title>; browsers and file managers show it.
     page = page.replace("<head>", f"<head><title>{html.escape(title)}</title>", 1)
@@ -367,7 +373,7 @@ def _trace_stems(figure: go.Figure) -> list[str]:
     return stems
 
 
-def figure_arrays(figure: go.Figure) -> dict[str, np.ndarray]:
+def figure_arrays(figure: Figure | go.Figure) -> dict[str, np.ndarray]:
     """Each trace's ``x``, ``y``, ``z`` and ``customdata`` as arrays named ``<trace>_<field>``.
 
     A trace is named by its ``name`` (made file-name-safe) or else ``trace<i>``. Labels come back
@@ -377,6 +383,7 @@ def figure_arrays(figure: go.Figure) -> dict[str, np.ndarray]:
     Returns:
         ``{"<trace>_<field>": array}`` in trace order; fields a trace lacks are left out.
     """
+    figure = as_plotly(figure)
     arrays: dict[str, np.ndarray] = {}
     for stem, trace in zip(_trace_stems(figure), figure.data, strict=True):
         for name in _TRACE_FIELDS:
@@ -390,7 +397,7 @@ def figure_arrays(figure: go.Figure) -> dict[str, np.ndarray]:
     return arrays
 
 
-def figure_npz(figure: go.Figure) -> bytes:
+def figure_npz(figure: Figure | go.Figure) -> bytes:
     """:func:`figure_arrays` as a compressed ``.npz`` file."""
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **figure_arrays(figure))
@@ -406,13 +413,14 @@ def _csv_cell(value) -> str:
     return str(value)
 
 
-def figure_csv(figure: go.Figure) -> bytes:
+def figure_csv(figure: Figure | go.Figure) -> bytes:
     """The figure's data as one long CSV table: ``trace,x,y,z`` (UTF-8).
 
     A heatmap gives one row per cell (``x`` and ``y`` are its labels, or column and row indices
     when the figure has none; an empty ``z`` is a gap). Other traces give one row per point
     with an empty ``z``.
     """
+    figure = as_plotly(figure)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["trace", "x", "y", "z"])
@@ -435,7 +443,11 @@ def figure_csv(figure: go.Figure) -> bytes:
 
 
 def figure_bytes(
-    figure: go.Figure, fmt: str, *, scale: float = DEFAULT_SCALE, title: str = "MemLens figure"
+    figure: Figure | go.Figure,
+    fmt: str,
+    *,
+    scale: float = DEFAULT_SCALE,
+    title: str = "MemLens figure",
 ) -> bytes:
     """``figure`` as a file of format ``fmt`` (one of :data:`FORMATS`)."""
     if fmt in IMAGE_FORMATS:
@@ -450,7 +462,7 @@ def figure_bytes(
 
 
 def send_figure(
-    figure: go.Figure,
+    figure: Figure | go.Figure,
     fmt: str,
     *,
     filename: str = "memlens-figure",
@@ -480,7 +492,7 @@ def send_figure(
 
 
 def _template_layout(dark: bool) -> dict:
-    return {"template": pio.templates[figure_template(dark)]}
+    return {"template": template_layout(dark)}
 
 
 def _position_labels(str_tokens: Sequence[str], positions: Iterable[int]) -> list[str]:
@@ -607,11 +619,15 @@ def make_stage_heatmap(
 
 @dataclass(frozen=True)
 class ReportFigure:
-    """One figure of a report: file stem, heading and the figure."""
+    """One figure of a report: file stem, heading and the figure (a builder's dict becomes a
+    ``go.Figure``, as the export formats want)."""
 
     name: str
     title: str
     figure: go.Figure
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "figure", as_plotly(self.figure))
 
 
 @dataclass(frozen=True)
@@ -690,8 +706,8 @@ def report_figures(inputs: ReportInputs, *, dark: bool = False) -> list[ReportFi
         patterns = inputs.attention(layer)
         if inputs.heads is None:
             grid = make_head_grid(patterns, layer=layer, dark=dark)
-            for head, trace in enumerate(grid.data):
-                trace.name = f"L{layer}H{head}"
+            for head, trace in enumerate(grid["data"]):
+                trace["name"] = f"L{layer}H{head}"
             figures.append(ReportFigure(f"attention-L{layer}", f"Layer {layer}: every head", grid))
             continue
         for head in inputs.heads:

@@ -7,9 +7,9 @@ the largest weight in its block (max keeps thin stripes such as induction or pre
 diagonals visible, where a mean would wash them out). :data:`MAX_HEAD_SIDE` caps one head view
 near 0.8 MB and :data:`OVERVIEW_CELLS` the model overview near 1.6 MB.
 
-Speed: figures are assembled from plain dicts with Plotly's validation off (``_validate=False``).
-Validating a layout that carries a full Bootstrap template costs about 50 ms, more than the rest
-of a head switch together; the builders' tests check what validation would have caught.
+Speed: figures are plain dicts (:mod:`components.figures`), never validated by plotly on the
+server. Validating a layout that carries a full Bootstrap template costs about 50 ms, more than
+the rest of a head switch together; the builders' tests check what validation would catch.
 """
 
 from __future__ import annotations
@@ -18,11 +18,9 @@ import math
 import re
 
 import numpy as np
-import plotly.graph_objects as go
-import plotly.io as pio
 from plotly.colors import get_colorscale
 
-from components.shell import figure_template
+from components.figures import Figure, themed_figure
 from components.tokens import display_token, plotly_text, token_label
 
 MAX_HEAD_SIDE = 384
@@ -117,12 +115,6 @@ def _tick_text(str_tokens: list[str], start: int) -> str:
 # --- Figures ---------------------------------------------------------------------------------
 
 
-def _figure(traces: list[dict], layout: dict, *, dark: bool) -> go.Figure:
-    """A figure from trace and layout dicts, with the colour mode's template, unvalidated."""
-    template = pio.templates[figure_template(dark)]
-    return go.Figure(traces, layout={**layout, "template": template}, _validate=False)
-
-
 def _axis_grid(
     rows: int, cols: int, *, h_gap: float, v_gap: float, titles: list[str] | None = None
 ) -> tuple[dict, list[str], list[dict]]:
@@ -160,7 +152,7 @@ def _axis_grid(
     return axes, suffixes, annotations
 
 
-def make_empty_figure(message: str, *, dark: bool = False, height: int = 300) -> go.Figure:
+def make_empty_figure(message: str, *, dark: bool = False, height: int = 300) -> Figure:
     """A blank figure that says why it is blank."""
     note = {
         "text": plotly_text(message),
@@ -178,7 +170,7 @@ def make_empty_figure(message: str, *, dark: bool = False, height: int = 300) ->
         "margin": {"l": 10, "r": 10, "t": 10, "b": 10},
         "annotations": [note],
     }
-    return _figure([], layout, dark=dark)
+    return themed_figure([], layout, dark=dark)
 
 
 def make_attention_heatmap(
@@ -189,7 +181,7 @@ def make_attention_heatmap(
     dark: bool = False,
     max_side: int = MAX_HEAD_SIDE,
     height: int = 660,
-) -> go.Figure:
+) -> Figure:
     """One head's attention, queries down and keys across, labelled with the tokens.
 
     Hover shows the query token, the key token and the weight. Prompts longer than ``max_side``
@@ -249,7 +241,7 @@ def make_attention_heatmap(
         "xaxis": {**axis, "title": {"text": "key"}, "tickangle": -90},
         "yaxis": {**axis, "title": {"text": "query"}, "autorange": "reversed"},
     }
-    return _figure([heatmap], layout, dark=dark)
+    return themed_figure([heatmap], layout, dark=dark)
 
 
 def grid_shape(n_heads: int) -> tuple[int, int]:
@@ -284,7 +276,7 @@ def make_head_grid(
     selected_head: int | None = None,
     dark: bool = False,
     max_side: int = MAX_GRID_TILE_SIDE,
-) -> go.Figure:
+) -> Figure:
     """Thumbnails of every head in one layer; click data's ``curveNumber`` is the head.
 
     Args:
@@ -338,7 +330,7 @@ def make_head_grid(
         "margin": {"l": 10, "r": 10, "t": 30, "b": 10},
         "shapes": grid_selection_shapes(selected_head, n_heads, dark=dark),
     }
-    return _figure(traces, layout, dark=dark)
+    return themed_figure(traces, layout, dark=dark)
 
 
 def _line(x0: float, x1: float, y0: float, y1: float, color: str) -> dict:
@@ -394,7 +386,7 @@ def make_model_overview(
     *,
     selected: tuple[int, int] | None = None,
     dark: bool = False,
-) -> go.Figure:
+) -> Figure:
     """Every head of every layer as a thumbnail, layers down and heads across.
 
     One heatmap holds all tiles so the browser draws a single image. Click data carries the
@@ -443,7 +435,7 @@ def make_model_overview(
         },
         "shapes": overview_shapes(n_layers, n_heads, tile, selected, dark=dark),
     }
-    return _figure([heatmap], layout, dark=dark)
+    return themed_figure([heatmap], layout, dark=dark)
 
 
 _OVERVIEW_X = re.compile(r"^H(\d+) · k\d+$")
@@ -491,7 +483,7 @@ def make_layer_head_panels(
     dark: bool = False,
     ranges: list[tuple[float, float] | None] | None = None,
     columns: int | None = None,
-) -> go.Figure:
+) -> Figure:
     """Side-by-side layers x heads heatmaps of per-head numbers; click ``x`` is the head and
     ``y`` the layer.
 
@@ -554,7 +546,7 @@ def make_layer_head_panels(
         "margin": {"l": 10, "r": 10, "t": 30, "b": 10},
         "shapes": panel_selection_shapes(*(selected or (None, None)), len(panels), dark=dark),
     }
-    return _figure(traces, layout, dark=dark)
+    return themed_figure(traces, layout, dark=dark)
 
 
 def parse_panel_click(click_data: object) -> tuple[int, int] | None:

@@ -16,13 +16,11 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-import plotly.graph_objects as go
-import plotly.io as pio
 from dash import dash_table
 from plotly.colors import get_colorscale, qualitative
 
+from components.figures import Figure, themed_figure
 from components.heatmaps import attention_colorscale
-from components.shell import figure_template
 from components.tokens import display_token, plotly_text, token_label
 
 LABELLED_TICKS = 64  # at most this many token labels per axis
@@ -84,12 +82,6 @@ def rank_ticks(highest: float) -> tuple[list[float], list[str]]:
 
 
 # --- Shared pieces -----------------------------------------------------------------------------
-
-
-def _figure(traces: list[dict], layout: dict, *, dark: bool) -> go.Figure:
-    """A figure from trace and layout dicts, with the colour mode's template, unvalidated."""
-    template = pio.templates[figure_template(dark)]
-    return go.Figure(traces, layout={**layout, "template": template}, _validate=False)
 
 
 def _title(text: str) -> dict:
@@ -163,7 +155,7 @@ def make_stage_heatmap(
     selected_column: int | None = None,
     dark: bool = False,
     height: int = 340,
-) -> go.Figure:
+) -> Figure:
     """A stages (down) x token columns (across) heatmap, the columns labelled with tokens.
 
     Args:
@@ -246,7 +238,7 @@ def make_stage_heatmap(
         },
         "shapes": shapes,
     }
-    return _figure([heatmap], layout, dark=dark)
+    return themed_figure([heatmap], layout, dark=dark)
 
 
 def make_composition_heatmap(
@@ -258,7 +250,7 @@ def make_composition_heatmap(
     bos: bool = False,
     dark: bool = False,
     height: int = 340,
-) -> go.Figure:
+) -> Figure:
     """Attention rollout for one position: what its stream is made of after every layer.
 
     The colour scale ends at the largest share after layer 0 outside a BOS column: BOS is
@@ -300,7 +292,7 @@ def make_reach_bars(
     stage_name: str,
     dark: bool = False,
     height: int = 340,
-) -> go.Figure:
+) -> Figure:
     """Memory reach: the share of one source token in the stream of every position from it on
     (earlier positions cannot hold it).
 
@@ -337,7 +329,7 @@ def make_reach_bars(
         },
         "bargap": 0.15,
     }
-    return _figure([bars], layout, dark=dark)
+    return themed_figure([bars], layout, dark=dark)
 
 
 # --- Logit lens ------------------------------------------------------------------------------
@@ -351,7 +343,7 @@ def make_top_tokens_table(
     *,
     next_token: str | None = None,
     dark: bool = False,
-) -> go.Figure:
+) -> Figure:
     """The logit lens at one position: the top-k tokens and probabilities after every layer.
 
     Args:
@@ -393,12 +385,12 @@ def make_top_tokens_table(
         "xaxis": {"title": {"text": "guess (most probable first)"}, "side": "bottom"},
         "yaxis": {"autorange": "reversed", "automargin": True, "title": {"text": ""}},
     }
-    return _figure([heatmap], layout, dark=dark)
+    return themed_figure([heatmap], layout, dark=dark)
 
 
 def make_kl_chart(
     kl_at_pos: np.ndarray, mean_kl: np.ndarray, pos: int, *, dark: bool = False
-) -> go.Figure:
+) -> Figure:
     """KL divergence of every stage's logit-lens distribution from the final one.
 
     Args:
@@ -441,7 +433,7 @@ def make_kl_chart(
         # The curves fall towards the last layer, so the top right corner stays free.
         "legend": {"y": 0.98, "yanchor": "top", "x": 0.98, "xanchor": "right"},
     }
-    return _figure(traces, layout, dark=dark)
+    return themed_figure(traces, layout, dark=dark)
 
 
 # --- Retention curves ------------------------------------------------------------------------
@@ -460,7 +452,7 @@ def make_retention_curves(
     positions: Sequence[int],
     *,
     dark: bool = False,
-) -> go.Figure:
+) -> Figure:
     """One line per chosen token across the stages, in three panels: cosine to its embedding,
     its logit-lens rank (log scale, top rank up) and its rollout share of its own stream.
 
@@ -542,7 +534,7 @@ def make_retention_curves(
         "margin": {"l": 10, "r": 10, "t": 70, "b": 10},
         "legend": {"orientation": "h", "y": -0.3, "yanchor": "top", "x": 0},
     }
-    return _figure(traces, layout, dark=dark)
+    return themed_figure(traces, layout, dark=dark)
 
 
 # --- Direct logit attribution ------------------------------------------------------------------
@@ -554,7 +546,7 @@ def make_attribution_figure(
     *,
     title: str,
     dark: bool = False,
-) -> go.Figure:
+) -> Figure:
     """Direct logit attribution: each head (layers x heads, left) and each part of the residual
     stream (bars, right, in the order the stream sums them), blue raising the logit and red
     lowering it.
@@ -620,7 +612,7 @@ def make_attribution_figure(
             "automargin": True,
         },
     }
-    return _figure(traces, layout, dark=dark)
+    return themed_figure(traces, layout, dark=dark)
 
 
 # --- Memory horizon --------------------------------------------------------------------------
@@ -635,7 +627,7 @@ def make_horizon_heatmap(
     str_tokens: Sequence[str],
     *,
     dark: bool = False,
-) -> go.Figure:
+) -> Figure:
     """Loss on each predicted token (across) given only the last k tokens of context (up).
 
     Cells where ``k`` exceeds the context a prediction has are blank; a dot marks each
@@ -708,12 +700,12 @@ def make_horizon_heatmap(
         },
         "showlegend": False,
     }
-    return _figure([heatmap, dots], layout, dark=dark)
+    return themed_figure([heatmap, dots], layout, dark=dark)
 
 
 def make_horizon_curve(
     k_values: np.ndarray, mean_loss: np.ndarray, full_mean: float, *, dark: bool = False
-) -> go.Figure:
+) -> Figure:
     """The loss averaged over every prediction against the context length (log axis).
 
     Args:
@@ -759,7 +751,7 @@ def make_horizon_curve(
         # The loss falls as k grows, so the top right corner stays free.
         "legend": {"y": 0.98, "yanchor": "top", "x": 0.98, "xanchor": "right"},
     }
-    return _figure(traces, layout, dark=dark)
+    return themed_figure(traces, layout, dark=dark)
 
 
 # --- Per-head scores -------------------------------------------------------------------------
@@ -773,7 +765,7 @@ def make_head_score_heatmap(
     zrange: tuple[float, float] | None = None,
     selected: tuple[int, int] | None = None,
     dark: bool = False,
-) -> go.Figure:
+) -> Figure:
     """One score per head, layers down and heads across; a click gives ``x`` = head and
     ``y`` = layer (:func:`components.heatmaps.parse_panel_click` reads it).
 
@@ -829,7 +821,7 @@ def make_head_score_heatmap(
         "yaxis": _layer_axis(n_layers),
         "shapes": shapes,
     }
-    return _figure([heatmap], layout, dark=dark)
+    return themed_figure([heatmap], layout, dark=dark)
 
 
 def head_table_rows(scores: dict[str, np.ndarray]) -> list[dict]:

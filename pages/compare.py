@@ -478,7 +478,7 @@ def _with_row(figure, position: int | None, n_pos: int, dark: bool):
     """``figure`` (an attention heatmap) with the query row of ``position`` framed."""
     if position is not None:
         row = block_index(position, n_pos, MAX_HEAD_SIDE)
-        figure.update_layout(shapes=[highlight_shape("y", row, dark=dark)])
+        figure["layout"]["shapes"] = [highlight_shape("y", row, dark=dark)]
     return figure
 
 
@@ -643,7 +643,7 @@ def report_inputs(data, layer, head, token, measure, dark) -> FigureReport:
     figures = tuple(
         ReportFigure(name, title, figure)
         for (name, title), figure in zip(names, [*attention, *retention], strict=True)
-        if figure.data  # no tokens paired: the difference view is only a message
+        if figure["data"]  # no tokens paired: the difference view is only a message
     )
 
     pa_a, _ = open_pair(data)

@@ -18,6 +18,7 @@ import analysis
 from analysis.ablation import Component, ablate, ablation_sweep
 from components.ablation import CHOSEN_CLASS, FAILURE_CLASS
 from tests.conftest import ATOL, in_callback
+from tests.figures import as_figure
 
 MODEL = analysis.DEMO_MODEL
 PROMPT = "The cat sat on the mat. The cat sat on the mat."
@@ -80,7 +81,7 @@ def triggered(prop_id: str) -> None:
 
 
 def trace(figure, name: str) -> np.ndarray:
-    found = [t for t in figure.data if t.name == name]
+    found = [t for t in as_figure(figure).data if t.name == name]
     assert found, f"no trace named {name!r}"
     return np.asarray(found[0].y, dtype=np.float32)
 
@@ -90,7 +91,7 @@ def test_ablating_nothing_changes_nothing(page):
 
     assert out["alert_open"] is False
     np.testing.assert_allclose(trace(out["loss"], "after"), trace(out["loss"], "before"), atol=0)
-    np.testing.assert_array_equal(np.asarray(out["delta"].data[0].y), 0)
+    np.testing.assert_array_equal(np.asarray(as_figure(out["delta"]).data[0].y), 0)
     assert out["failures"] == []
     assert out["summary"].startswith("Nothing is ablated yet")
     n_pos = out["data"]["n_pos"]
@@ -105,7 +106,9 @@ def test_zero_ablating_a_head_shows_the_direct_ablation_results(page):
     assert out["alert_open"] is False
     np.testing.assert_allclose(trace(out["loss"], "after"), direct.loss_after, atol=ATOL)
     np.testing.assert_allclose(trace(out["loss"], "before"), direct.loss_before, atol=ATOL)
-    np.testing.assert_allclose(np.asarray(out["delta"].data[0].y), direct.delta_loss, atol=ATOL)
+    np.testing.assert_allclose(
+        np.asarray(as_figure(out["delta"]).data[0].y), direct.delta_loss, atol=ATOL
+    )
     assert out["failures"] == [int(p) for p in direct.failure_tokens]
     assert "L1H2" in out["summary"]
 
@@ -209,7 +212,7 @@ def test_user_text_reaches_the_page_only_as_text(page):
     chips = [chip.children for chip in out["strip"].children]
     assert all(isinstance(text, str) for text in chips)
     assert "<b>bold</b>" in "".join(chips).replace("·", " ")
-    labels = list(out["loss"].data[0].x)
+    labels = list(as_figure(out["loss"]).data[0].x)
     assert all("<" not in label for label in labels)
     table = out["table"].children
     assert all(
@@ -244,6 +247,9 @@ def test_sweep_job_gives_a_layer_by_head_heatmap_with_progress(page):
     heads, layers, selected, request, alert, alert_open = page.run_sweep(
         calls.append, 1, data, "zero", "", "", [8, 9], False
     )
+    heads = as_figure(heads)
+    layers = as_figure(layers)
+    selected = as_figure(selected)
 
     assert alert_open is False
     z = np.asarray(heads.data[0].z)
@@ -258,6 +264,7 @@ def test_sweep_job_gives_a_layer_by_head_heatmap_with_progress(page):
     np.testing.assert_allclose(z, sweep.head_delta, atol=ATOL)
     np.testing.assert_allclose(np.asarray(selected.data[0].z), sweep.head_delta_selected, atol=ATOL)
     shown = page.show_selected([2], False, request)
+    shown = as_figure(shown)
     np.testing.assert_allclose(
         np.asarray(shown.data[0].z), sweep.with_selection([2]).head_delta_selected, atol=ATOL
     )
@@ -315,6 +322,8 @@ def test_downstream_attention_map_and_the_clicked_heads_patterns(page):
     heatmap, patterns, selected = page.show_downstream_attention(
         request, None, False, None, out["data"]
     )
+    heatmap = as_figure(heatmap)
+    patterns = as_figure(patterns)
     z = np.asarray(heatmap.data[0].z, dtype=np.float32)
     assert z.shape == (n_layers, out["data"]["n_heads"])
     assert np.isnan(z[0]).all()  # layer 0 is not downstream of its own head
@@ -328,6 +337,7 @@ def test_downstream_attention_map_and_the_clicked_heads_patterns(page):
     _, patterns, selected = page.show_downstream_attention(
         request, click, False, selected, out["data"]
     )
+    patterns = as_figure(patterns)
     assert selected == [1, 2]
     index = result.attention_layers.index(1)
     before, after = result.attention_before[index, 2], result.attention_after[index, 2]
@@ -347,6 +357,8 @@ def test_an_ablation_in_the_last_layer_has_no_downstream_attention(page):
     heatmap, patterns, selected = page.show_downstream_attention(
         out["ablation"], None, False, None, out["data"]
     )
+    heatmap = as_figure(heatmap)
+    patterns = as_figure(patterns)
 
     assert selected is None
     assert np.isnan(np.asarray(heatmap.data[0].z, dtype=np.float32)).all()
@@ -364,7 +376,7 @@ def test_sweep_with_reference_prompts_uses_them(page):
         method="mean",
         reference_prompts=references.split("\n"),
     )
-    np.testing.assert_allclose(np.asarray(out[0].data[0].z), sweep.head_delta, atol=ATOL)
+    np.testing.assert_allclose(np.asarray(as_figure(out[0]).data[0].z), sweep.head_delta, atol=ATOL)
     assert out[3]["references"] == references.split("\n")
 
 

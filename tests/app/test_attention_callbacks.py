@@ -20,6 +20,7 @@ from analysis.attention_stats import head_stats, token_flow
 from components.prompt_panel import DEFAULT_PROMPT
 from components.tokens import display_token
 from tests.conftest import ATOL
+from tests.figures import as_figure
 
 PROMPT = "The cat sat on the mat. The cat sat on the mat."
 ANALYSE_OUTPUTS = (
@@ -121,6 +122,7 @@ def test_a_prompt_too_long_for_the_model_is_refused_or_cut_to_its_last_tokens(
     state, _ = attention_page.parse_view_query(query, default_model=analysis.DEMO_MODEL)
     assert state.truncate is True
     figure, _ = attention_page.show_head(cut["data"], "0", "0", False)
+    figure = as_figure(figure)
     assert len(figure.data[0].x) == 8
 
 
@@ -171,6 +173,7 @@ def test_head_view_shows_the_cached_pattern_of_the_chosen_head(attention_page):
     pa = analysis.analyze(PROMPT, analysis.DEMO_MODEL)
 
     figure, caption = attention_page.show_head(data, "1", "2", False)
+    figure = as_figure(figure)
 
     expected = pa.attention(1)[2]
     z = np.asarray(figure.data[0].z, dtype=np.float32)
@@ -192,8 +195,10 @@ def test_switching_layer_head_or_token_never_runs_the_model(attention_page, monk
 
     monkeypatch.setattr("analysis.prompt._compute", no_forward_pass)
     first, _ = attention_page.show_head(data, "0", "0", False)
+    first = as_figure(first)
     last_layer, last_head = str(data["n_layers"] - 1), str(data["n_heads"] - 1)
     second, _ = attention_page.show_head(data, last_layer, last_head, True)
+    second = as_figure(second)
     attention_page.show_layer(data, last_layer, True, last_head)
     attention_page.show_overview(data, False, last_layer, last_head)
     attention_page.show_summary(data, False, last_layer, last_head)
@@ -206,6 +211,7 @@ def test_switching_layer_head_or_token_never_runs_the_model(attention_page, monk
 
 def test_views_without_an_analysis_say_what_to_do(attention_page):
     figure, caption = attention_page.show_head(None, "0", "0", False)
+    figure = as_figure(figure)
 
     assert "Analyse a prompt" in figure.layout.annotations[0].text
     assert caption == ""
@@ -222,6 +228,7 @@ def test_layer_grid_has_one_trace_per_head_and_frames_the_chosen_one(attention_p
     data = analyse(attention_page)["data"]
 
     figure = attention_page.show_layer(data, "1", False, "3")
+    figure = as_figure(figure)
 
     assert len(figure.data) == data["n_heads"]
     assert [shape.xref for shape in figure.layout.shapes] == ["x4 domain"]
@@ -231,6 +238,7 @@ def test_grid_overview_and_summary_clicks_choose_layer_and_head(attention_page):
     page = attention_page
     data = analyse(page)["data"]
     overview = page.show_overview(data, False, "0", "0")
+    overview = as_figure(overview)
     tile = len(overview.data[0].x) // data["n_heads"]
     last = data["n_layers"] - 1
     # A click inside the tile of the last layer, head 1.
@@ -250,6 +258,7 @@ def test_overview_holds_every_head_of_every_layer(attention_page):
     pa = analysis.analyze(PROMPT, analysis.DEMO_MODEL)
 
     figure = attention_page.show_overview(data, False, "0", "0")
+    figure = as_figure(figure)
 
     z = np.asarray(figure.data[0].z, dtype=np.float32)
     n_pos = pa.n_pos  # short prompt: one cell per token, no downsampling
@@ -267,6 +276,7 @@ def test_token_flow_shows_what_the_token_receives_and_sends_in_every_head(attent
     token = 3
 
     figure, caption = attention_page.show_token_flow(data, token, False, "0", "0")
+    figure = as_figure(figure)
 
     received, sent = token_flow(np.stack([pa.attention(layer) for layer in range(pa.n_layers)]))
     np.testing.assert_allclose(figure.data[0].z, received[:, :, token], atol=ATOL)
@@ -278,6 +288,7 @@ def test_token_flow_without_a_token_asks_for_a_click(attention_page):
     data = analyse(attention_page)["data"]
 
     figure, caption = attention_page.show_token_flow(data, None, False, "0", "0")
+    figure = as_figure(figure)
 
     assert "Click a token" in figure.layout.annotations[0].text
 

@@ -20,6 +20,7 @@ from analysis.prompt_sets import run_prompt_set
 from components.compare import signed_block_extreme
 from components.tokens import SELECTED_TOKEN_CLASS, TOKEN_CLASS
 from tests.conftest import ATOL
+from tests.figures import as_figure
 
 MODEL = analysis.DEMO_MODEL
 PROMPT = "The cat sat on the mat. The cat sat on the"
@@ -62,7 +63,7 @@ def compare(page, prompt_a=PROMPT, prompt_b=CORRUPTED, *, align="end", clicks=1,
 
 
 def finite(figure) -> np.ndarray:
-    z = np.asarray(figure.data[0].z, dtype=np.float32)
+    z = np.asarray(as_figure(figure).data[0].z, dtype=np.float32)
     return z[np.isfinite(z)]
 
 
@@ -101,6 +102,7 @@ def test_one_changed_token_shows_in_the_difference_from_that_position_on(compare
     changed = int(np.flatnonzero(pa_a.tokens != pa_b.tokens)[0])
 
     *_, difference = compare_page.show_retention(data, "norm", None, False)
+    difference = as_figure(difference)
 
     z = np.asarray(difference.data[0].z)
     # Causal model: nothing before the changed token can differ, at any layer.
@@ -121,6 +123,7 @@ def test_mismatched_token_counts_are_compared_over_an_explicit_alignment(compare
     assert 0 < len(pairs) <= min(pa_a.n_pos, pa_b.n_pos)
 
     *_, difference, caption = compare_page.show_attention(data, "1", "2", None, False)
+    difference = as_figure(difference)
 
     # Row n, column m is A's attention between its paired positions minus B's.
     index_a = [i for i, _ in pairs]
@@ -181,6 +184,7 @@ def test_prompt_text_reaches_the_page_only_as_text(compare_page):
     chips = out["strip_a"].children
     assert all(isinstance(chip.children, str) for chip in chips)
     heatmap, *_ = compare_page.show_attention(out["data"], "0", "0", None, False)
+    heatmap = as_figure(heatmap)
     labels = " ".join(heatmap.data[0].x)
     assert "<b>" not in labels and "<script>" not in labels
     assert "&lt;" in labels
@@ -255,11 +259,11 @@ def test_patching_job_returns_a_heatmap_per_sweep_with_progress(compare_page, jo
     for graph, kind in zip(graphs, kinds, strict=True):
         expected = activation_patch(PROMPT, CORRUPTED, (" m", " h"), kind, MODEL, layer=1)
         values = expected.values.T if kind == "head_out_by_pos" else expected.values
-        np.testing.assert_allclose(np.asarray(graph.figure.data[0].z), values, atol=ATOL)
-    resid = np.asarray(graphs[0].figure.data[0].z)
+        np.testing.assert_allclose(np.asarray(as_figure(graph.figure).data[0].z), values, atol=ATOL)
+    resid = np.asarray(as_figure(graphs[0].figure).data[0].z)
     assert resid.shape == (data["n_layers"], data["n_pos_a"])
     # The positions carry the tokens, both prompts' where they differ.
-    assert any("·m | ·h" in label for label in graphs[0].figure.data[0].x)
+    assert any("·m | ·h" in label for label in as_figure(graphs[0].figure).data[0].x)
     shares = [value for value, _, _ in progress]
     assert shares == sorted(shares) and progress[-1] == (100, 100, "done")
     assert "' m'" in caption and "' h'" in caption
@@ -347,6 +351,7 @@ def test_prompt_set_job_skips_bad_rows_and_measures_the_rest(compare_page, jobs)
     assert {o["value"] for o in options} >= {"mean_loss", "head_attention_0"}
 
     figure = jobs.show_set_chart(rows, "mean_loss", False, columns)
+    figure = as_figure(figure)
     np.testing.assert_allclose(figure.data[0].y, [row["mean_loss"] for row in rows], atol=ATOL)
 
 

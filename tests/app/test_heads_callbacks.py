@@ -15,6 +15,7 @@ import analysis
 from analysis.heads import HEAD_SCORE_NAMES, model_head_scores, prompt_head_scores
 from components.prompt_panel import DEFAULT_PROMPT
 from tests.conftest import in_callback
+from tests.figures import as_figure
 
 MODEL = analysis.DEMO_MODEL
 PROMPT = "one two three four one two three four"
@@ -70,14 +71,14 @@ def test_every_head_score_has_a_title_and_caption(page):
 def test_heatmap_shows_the_chosen_score_and_frames_its_strongest_head(page, battery):
     out = show(page, "previous_token")
 
-    z = np.asarray(out["figure"].data[0].z, dtype=np.float64)
+    z = np.asarray(as_figure(out["figure"]).data[0].z, dtype=np.float64)
     np.testing.assert_allclose(z, battery.previous_token, atol=1e-6)
     layer, head, _ = battery.best("previous_token")
-    (frame,) = out["figure"].layout.shapes
+    (frame,) = as_figure(out["figure"]).layout.shapes
     assert (frame.x0 + 0.5, frame.y0 + 0.5) == (head, layer)
-    assert out["figure"].layout.xaxis.title.text == "head"
-    assert out["figure"].layout.yaxis.title.text == "layer"
-    assert "Previous token score" in out["figure"].layout.title.text
+    assert as_figure(out["figure"]).layout.xaxis.title.text == "head"
+    assert as_figure(out["figure"]).layout.yaxis.title.text == "layer"
+    assert "Previous token score" in as_figure(out["figure"]).layout.title.text
     assert out["caption"].startswith(page.SCORES["previous_token"][1])
     assert out["alert_open"] is False
 
@@ -108,6 +109,7 @@ def test_summary_names_the_strongest_heads_and_the_loss_ratio(page, battery):
 
 def test_switching_score_never_reruns_the_battery(page, battery, monkeypatch):
     first = show(page, "induction")["figure"]
+    first = as_figure(first)
 
     def no_forward_pass(*args, **kwargs):
         raise AssertionError("the Heads page ran the model")
@@ -116,6 +118,7 @@ def test_switching_score_never_reruns_the_battery(page, battery, monkeypatch):
     monkeypatch.setattr(bridge, "run_with_cache", no_forward_pass)
     monkeypatch.setattr(bridge, "forward", no_forward_pass)
     second = show(page, "mean_distance", dark=True)["figure"]
+    second = as_figure(second)
 
     assert not np.allclose(first.data[0].z, second.data[0].z)
 
@@ -126,8 +129,8 @@ def test_scores_of_the_last_prompt_come_from_its_analysis(page):
     out = show(page, "induction", "prompt", last=last)
 
     expected = prompt_head_scores(analysis.analyze(PROMPT, MODEL))
-    np.testing.assert_allclose(out["figure"].data[0].z, expected.induction, atol=1e-6)
-    assert "your last prompt" in out["figure"].layout.title.text
+    np.testing.assert_allclose(as_figure(out["figure"]).data[0].z, expected.induction, atol=1e-6)
+    assert "your last prompt" in as_figure(out["figure"]).layout.title.text
     assert "× the loss" not in summary_text(out["summary"])  # no battery, no loss ratio
 
 
@@ -149,7 +152,7 @@ def test_an_unknown_model_is_reported_in_the_alert(page):
 def test_bad_score_and_source_values_fall_back_to_the_defaults(page, battery):
     out = show(page, "<script>", "nowhere")
 
-    np.testing.assert_allclose(out["figure"].data[0].z, battery.induction, atol=1e-6)
+    np.testing.assert_allclose(as_figure(out["figure"]).data[0].z, battery.induction, atol=1e-6)
 
 
 def triggered(component_id: str, prop: str):
@@ -221,7 +224,7 @@ def test_trained_demo_models_induction_and_previous_token_heads_stand_out(page, 
     for name in ("induction", "previous_token"):
         out = show(page, name)
         layer, head, value = battery.best(name)
-        z = np.asarray(out["figure"].data[0].z, dtype=np.float64)
+        z = np.asarray(as_figure(out["figure"]).data[0].z, dtype=np.float64)
         others = np.delete(z.ravel(), layer * z.shape[1] + head)
 
         assert value >= MIN_TRAINED_HEAD_SCORE, f"best {name} head scores {value:.3f}"

@@ -22,6 +22,7 @@ from components.prompt_panel import DEFAULT_PROMPT
 from components.retention import log_rank, stage_labels
 from components.tokens import display_token
 from tests.conftest import ATOL, in_callback
+from tests.figures import as_figure
 
 MODEL = analysis.DEMO_MODEL
 PROMPT = "The cat sat on the mat. The cat sat on the mat."
@@ -71,7 +72,7 @@ def pa(data):
 
 
 def z_of(figure, trace: int = 0) -> np.ndarray:
-    return np.asarray(figure.data[trace].z, dtype=np.float64)
+    return np.asarray(as_figure(figure).data[trace].z, dtype=np.float64)
 
 
 def triggered(component_id, value=1):
@@ -230,6 +231,7 @@ def test_composition_rows_are_the_rollout_of_the_chosen_token(page, data, pa):
     pos = 7
 
     figure, caption, *alert = page.show_composition(data, pos, "2", False)
+    figure = as_figure(figure)
 
     z = z_of(figure)
     assert z.shape == (pa.n_layers + 1, pos + 1)  # only sources up to the token
@@ -245,6 +247,7 @@ def test_composition_rows_are_the_rollout_of_the_chosen_token(page, data, pa):
 
 def test_reach_bars_are_the_source_share_in_every_later_stream(page, data, pa):
     figure, caption, *_ = page.show_reach(data, "2", "1", False)
+    figure = as_figure(figure)
 
     y = np.asarray(figure.data[0].y, dtype=np.float64)
     reach = retention.memory_reach(pa, 2, layer=1)
@@ -269,6 +272,7 @@ def test_reach_bars_are_the_source_share_in_every_later_stream(page, data, pa):
 )
 def test_residual_stream_heatmap_shows_the_chosen_metric(page, data, pa, metric, expected):
     figure, caption, *_ = page.show_resid(data, metric, 3, False)
+    figure = as_figure(figure)
 
     lens = retention.logit_lens(pa)
     np.testing.assert_allclose(z_of(figure), expected(pa, lens), atol=ATOL)
@@ -280,6 +284,7 @@ def test_residual_stream_heatmap_shows_the_chosen_metric(page, data, pa, metric,
 
 def test_rank_hover_shows_the_zero_based_rank_itself(page, data, pa):
     figure, *_ = page.show_resid(data, "next_rank", 3, False)
+    figure = as_figure(figure)
 
     hover = np.asarray(figure.data[0].customdata, dtype=object)[..., 0].astype(np.float64)
     np.testing.assert_array_equal(hover, retention.logit_lens(pa).next_rank)
@@ -297,6 +302,8 @@ def test_logit_lens_table_lists_the_top_guesses_and_kl_ends_at_zero(page, data, 
     pos = 4
 
     table, kl, caption, *_ = page.show_lens(data, pos, False)
+    kl = as_figure(kl)
+    table = as_figure(table)
 
     lens = retention.logit_lens(pa)
     np.testing.assert_allclose(z_of(table), lens.top_probs[:, pos], atol=ATOL)
@@ -312,6 +319,7 @@ def test_retention_curves_draw_one_line_per_token_in_each_panel(page, data, pa):
     positions = [1, 5, 9]
 
     figure, *_ = page.show_curves(data, positions, False)
+    figure = as_figure(figure)
 
     assert len(figure.data) == 3 * len(positions)
     curves = retention.retention_curves(pa, positions)
@@ -325,6 +333,7 @@ def test_retention_curves_draw_one_line_per_token_in_each_panel(page, data, pa):
 
 def test_curves_without_tokens_ask_for_some(page, data):
     figure, *_ = page.show_curves(data, [], False)
+    figure = as_figure(figure)
 
     assert "Choose tokens" in figure.layout.annotations[0].text
 
@@ -334,6 +343,7 @@ def test_attribution_parts_add_up_to_the_logit_of_the_chosen_target(page, data, 
     options, value = page.update_targets(data, pos, "actual")
 
     figure, caption, *_ = page.show_attribution(data, pos, value, False)
+    figure = as_figure(figure)
 
     assert value == "actual" and [o["value"] for o in options][:2] == ["predicted", "actual"]
     expected = retention.direct_logit_attribution(pa, pos, int(pa.tokens[pos + 1]))
@@ -378,13 +388,14 @@ def test_switching_token_metric_or_target_never_runs_the_model(page, data, monke
 
 
 def z_or_y(figure) -> np.ndarray:
-    trace = figure.data[0]
+    trace = as_figure(figure).data[0]
     values = trace.z if trace.type == "heatmap" else trace.y
     return np.nan_to_num(np.asarray(values, dtype=np.float64))
 
 
 def test_views_without_an_analysis_say_what_to_do(page):
     figure, caption, *alert = page.show_composition(None, None, None, False)
+    figure = as_figure(figure)
 
     assert "Analyse a prompt" in figure.layout.annotations[0].text
     assert caption == "" and alert == [no_update, no_update]
@@ -403,6 +414,7 @@ def test_token_text_reaches_figures_escaped(page):
     data = analyse(page, "a <b>bold</b> & move")["data"]
 
     figure, *_ = page.show_resid(data, "cosine", 1, False)
+    figure = as_figure(figure)
 
     labels = " ".join(figure.data[0].x)  # BOS is "<|endoftext|>"
     assert "<" not in labels and "&lt;" in labels and "&amp;" in labels
@@ -415,6 +427,7 @@ def test_horizon_job_reports_progress_and_its_result_is_then_shown(page):
     prompt = "red green blue red green blue"
     data = analyse(page, prompt)["data"]
     hint, *_ = page.show_horizon(data, None, False)
+    hint = as_figure(hint)
     progress = []
 
     done, message, is_open = page.run_horizon(progress.append, 1, data)
@@ -427,6 +440,7 @@ def test_horizon_job_reports_progress_and_its_result_is_then_shown(page):
     assert steps == sorted(steps) and progress[-2][0] == progress[-2][1]
 
     heatmap, curve, caption, *alert = page.show_horizon(data, done, False)
+    curve = as_figure(curve)
     result = memory_horizon(analysis.analyze(prompt, MODEL))
     z = z_of(heatmap)
     shown = result.k_values[:, None] <= result.context[None]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import plotly.graph_objects as go
 import pytest
 
 from components.ablation import (
@@ -18,6 +17,7 @@ from components.ablation import (
 )
 from tests.components.test_heatmaps import random_causal, tokens
 from tests.conftest import ATOL
+from tests.figures import as_figure, colorscales
 
 
 def test_change_grid_puts_downstream_layers_in_their_rows_and_blanks_the_rest():
@@ -35,6 +35,7 @@ def test_change_grid_puts_downstream_layers_in_their_rows_and_blanks_the_rest():
 def test_a_click_on_the_change_map_names_its_layer_and_head():
     grid = change_grid(np.full((1, 3), 0.5, dtype=np.float32), (1,), 2)
     figure = make_attention_change_heatmap(grid, selected=(1, 2))
+    figure = as_figure(figure)
     x, y = figure.data[0].x, figure.data[0].y
 
     assert parse_change_click({"points": [{"x": x[2], "y": y[1]}]}) == (1, 2)
@@ -49,6 +50,7 @@ def test_pattern_comparison_shows_before_after_and_their_difference():
     before, after = random_causal(rng, 2, 7)
 
     figure = make_pattern_comparison(before, after, tokens(7), title="L1H0")
+    figure = as_figure(figure)
 
     shown = [np.asarray(trace.z, dtype=np.float32) for trace in figure.data]
     causal = np.tril(np.ones((7, 7), dtype=bool))
@@ -70,6 +72,7 @@ def test_long_patterns_are_blocked_and_the_change_keeps_its_sign():
     after[200, 1] += 0.1
 
     figure = make_pattern_comparison(before, after, tokens(n_pos), max_side=100)
+    figure = as_figure(figure)
 
     delta = np.asarray(figure.data[2].z, dtype=np.float32)
     assert delta.shape == (100, 100)
@@ -100,9 +103,7 @@ def test_every_ablation_figure_passes_plotly_validation(dark):
     ]
 
     for figure in figures:
-        go.Figure(figure.to_dict())  # raises ValueError on an unknown or invalid property
-        scales = [t.colorscale for t in figure.data if t.type == "heatmap" and t.colorscale]
-        for axis in ("coloraxis", "coloraxis2"):
-            if axis in figure.layout and figure.layout[axis].colorscale:
-                scales.append(figure.layout[axis].colorscale)
-        assert all(not isinstance(scale, str) for scale in scales), "names differ in plotly.js"
+        as_figure(figure)  # raises ValueError on an unknown or invalid property
+        assert not any(isinstance(scale, str) for scale in colorscales(figure)), (
+            "plotly.js knows other colour scale names than plotly.py"
+        )

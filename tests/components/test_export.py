@@ -27,6 +27,7 @@ from analysis.bundle import MANIFEST_NAME, ReportInputs
 from analysis.settings import REPO_ROOT
 from components import export
 from components.heatmaps import make_attention_heatmap, make_head_grid
+from tests.figures import as_figure
 
 TOKENS = ["<|endoftext|>", "The", " cat", " sat", " on", " the", " mat", "."]
 N_LAYERS, N_HEADS = 2, 3
@@ -68,7 +69,8 @@ def inputs() -> ReportInputs:
 
 @pytest.fixture
 def heatmap():
-    return make_attention_heatmap(causal_patterns(1, len(TOKENS))[0], TOKENS, title="L0 H0")
+    figure = make_attention_heatmap(causal_patterns(1, len(TOKENS))[0], TOKENS, title="L0 H0")
+    return as_figure(figure)
 
 
 def png_size(content: bytes) -> tuple[int, int]:
@@ -257,6 +259,7 @@ def test_rank_heatmap_colours_by_log_rank_and_keeps_the_ranks(inputs):
     figure = export.make_stage_heatmap(
         inputs.lens_rank, inputs.str_tokens, title="ranks", colorbar="rank", log_rank=True
     )
+    figure = as_figure(figure)
 
     trace = figure.data[0]
     np.testing.assert_array_equal(trace.customdata, inputs.lens_rank)
