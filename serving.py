@@ -10,9 +10,9 @@
   (``MEMLENS_MAX_JOBS_PER_USER``, :mod:`components.jobs`) has someone to count against when
   auth is off.
 - The local job cache keeps results as JSON, never pickles (:class:`JobCacheDisk`), and a job
-  whose process died says so (:class:`LocalJobManager`); a request no page makes gets a 4xx,
-  not a 500 (:func:`answer_bad_requests`); a Redis that does not answer is named in the page's
-  alert (:class:`RedisJobManager`).
+  whose process died says so (:class:`LocalJobManager`), as does one whose Celery worker died
+  (:class:`RedisJobManager`); a request no page makes gets a 4xx, not a 500
+  (:func:`answer_bad_requests`); a Redis that does not answer is named in the page's alert.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import hmac
 import json
 import logging
 import os
+import time
 import uuid
 
 import diskcache
@@ -52,10 +53,18 @@ def make_celery(redis_url: str, job_timeout_s: float | None = None):
         accept_content=["json"],
         result_serializer="json",
         broker_connection_retry_on_startup=True,
+        # A taken job reads STARTED (with the worker's host and pid), not PENDING like a queued
+        # one: RedisJobManager needs that to tell a job whose worker died.
+        task_track_started=True,
     )
     if job_timeout_s:
-        celery_app.conf.task_time_limit = int(job_timeout_s) + 60
+        celery_app.conf.task_time_limit = hard_time_limit_s(job_timeout_s)
     return celery_app
+
+
+def hard_time_limit_s(job_timeout_s: float) -> int:
+    """When a Celery worker kills a job that did not stop itself at ``job_timeout_s``."""
+    return int(job_timeout_s) + 60
 
 
 class JobCacheError(ValueError):
@@ -96,6 +105,13 @@ class JobCacheDisk(diskcache.Disk):
         return super().get(key, raw)
 
 
+JOB_DIED_MESSAGE = (
+    "the long job stopped before it finished: its process ended without a result (killed, "
+    "or out of memory). Run it again; if it keeps stopping, try a shorter prompt or fewer "
+    "items"
+)
+
+
 def _failed_job(message: str) -> dict:
     """A job result that Dash reads as a failed job: the app's ``on_error`` handler shows
     ``message`` in the app-wide alert."""
@@ -113,11 +129,7 @@ class LocalJobManager(DiskcacheManager):
     """
 
     CANCELLED_PREFIX = "memlens-cancelled-"
-    DIED_MESSAGE = (
-        "the long job stopped before it finished: its process ended without a result (killed, "
-        "or out of memory). Run it again; if it keeps stopping, try a shorter prompt or fewer "
-        "items"
-    )
+    DIED_MESSAGE = JOB_DIED_MESSAGE
 
     # Long jobs run below the web workers' CPU priority, so that on a busy machine a sweep takes
     # the cores the clicks leave over, not the other way round.
@@ -201,11 +213,45 @@ class RedisJobManager(CeleryManager):
     A job that Redis cannot take, or whose result Redis can no longer give, ends as a failed
     job with a message naming the Redis URL (shown by the app's ``on_error`` handler), instead
     of a request that hangs through Celery's retries and fails with a 500.
+
+    A job whose worker died fails with a message too, where Dash would read it as cancelled or
+    poll it for ever: Celery marks a job FAILURE without a result when the worker's pool
+    process is killed (out of memory, ``kill -9``, the hard time limit); a job still STARTED
+    ``lost_after_s`` after a web worker first saw it start has outlived the hard time limit, so
+    its worker (or its machine) is gone.
     """
 
-    def __init__(self, celery_app, redis_url: str, **kwargs) -> None:
+    STARTED_PREFIX = "memlens-started-"
+
+    def __init__(self, celery_app, redis_url: str, *, lost_after_s: float, **kwargs) -> None:
         super().__init__(celery_app, **kwargs)
         self.redis_url = redis_url
+        self.lost_after_s = lost_after_s
+
+    def lost_message(self, job) -> str | None:
+        """Why ``job`` can no longer answer, None while it may (queued, running, done)."""
+        task = self.get_task(job)
+        if task.state == "FAILURE":
+            reason = type(task.result).__name__  # WorkerLostError, TimeLimitExceeded, ...
+            logger.warning("long job %s failed on its Celery worker (%s)", job, reason)
+            return JOB_DIED_MESSAGE
+        if task.state != "STARTED":
+            return None
+        # Every web worker polling this job agrees on when it was first seen running.
+        key = f"{self.STARTED_PREFIX}{job}"
+        client = self.handle.backend.client
+        client.set(key, repr(time.time()), nx=True, ex=int(self.lost_after_s * 2) + 60)
+        running_s = time.time() - float(client.get(key) or time.time())
+        if running_s <= self.lost_after_s:
+            return None
+        worker = task.info.get("hostname") if isinstance(task.info, dict) else None
+        worker = worker or "a Celery worker"
+        logger.warning("long job %s on %s silent for %.0f s", job, worker, running_s)
+        return (
+            f"the long job stopped answering: it has run on {worker} for longer than any job "
+            "may, so that worker (or its machine) is gone. Check the job workers, then run the "
+            "job again"
+        )
 
     def unavailable_message(self) -> str:
         return (
@@ -261,7 +307,15 @@ class RedisJobManager(CeleryManager):
         if job == UNAVAILABLE_JOB:
             return self._failed()
         try:
-            return super().get_result(key, job)
+            result = super().get_result(key, job)
+            if result is not self.UNDEFINED or not job:
+                return result
+            message = self.lost_message(job)
+            if message is None:
+                return result
+            # Read once more, for a result written just before the worker went.
+            result = super().get_result(key, job)
+            return _failed_job(message) if result is self.UNDEFINED else result
         except _redis_errors() as exc:
             logger.warning("Redis at %s lost a job's result: %s", self.redis_url, exc)
             return self._failed()
@@ -280,7 +334,12 @@ def make_background_manager(settings: Settings | None = None):
     if settings.redis_url:
         celery_app = make_celery(settings.redis_url, settings.job_timeout_s)
         logger.info("long jobs run on Celery workers at %s", settings.redis_url)
-        return RedisJobManager(celery_app, settings.redis_url, expire=expire), celery_app
+        # Past the hard time limit, and a poll or two, a job still running has lost its worker.
+        lost_after_s = hard_time_limit_s(settings.job_timeout_s) + 30
+        manager = RedisJobManager(
+            celery_app, settings.redis_url, lost_after_s=lost_after_s, expire=expire
+        )
+        return manager, celery_app
     jobs = ForkSafeCache(str(settings.cache_dir / "jobs"), disk=JobCacheDisk)
     return LocalJobManager(jobs, expire=expire), None
 

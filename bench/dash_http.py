@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import requests
 
@@ -36,11 +36,13 @@ def split_outputs(output: str) -> list[dict]:
 
 @dataclass
 class CallbackResult:
-    """One answered callback: its HTTP status, the outputs it set and how long it took."""
+    """One answered callback: its HTTP status, the outputs it set, how long it took, and what it
+    set elsewhere (``sideUpdate``: ``{id: {property: value}}``, e.g. the app-wide alert)."""
 
     status: int
     outputs: dict
     seconds: float
+    side: dict = field(default_factory=dict)
 
 
 class DashClient:
@@ -142,8 +144,11 @@ class DashClient:
             if response.status_code == 204:
                 return CallbackResult(204, {}, time.perf_counter() - started)
             data = response.json()
-            if "response" in data:
-                return CallbackResult(200, data["response"], time.perf_counter() - started)
+            if "response" in data or "sideUpdate" in data:  # a failed job answers only the side
+                seconds = time.perf_counter() - started
+                return CallbackResult(
+                    200, data.get("response", {}), seconds, data.get("sideUpdate", {})
+                )
         raise TimeoutError(f"background callback {dependency['output'][:60]} ran past {timeout_s}s")
 
     def _post(self, body: dict, params: dict) -> requests.Response:

@@ -7,21 +7,27 @@ Celery worker's answer with the same job run in this process.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 
+import serving
 from analysis.jobs import job_slot
 from analysis.prompt_sets import parse_prompt_text, run_prompt_set
 from analysis.settings import Settings
 from bench.dash_http import DashClient
 from bench.processes import free_port, start, stop
+from components.alerts import APP_ALERT
 from components.jobs import BROWSER_COOKIE
 from tests.conftest import ATOL
 
@@ -43,15 +49,17 @@ pytestmark = [
 ]
 
 
-@pytest.fixture
-def team(tmp_path):
-    """Redis, one Celery worker (solo pool) and one gunicorn web worker, all on loopback."""
+@contextmanager
+def serve_team(tmp_path: Path, pool: str):
+    """Redis, one Celery worker (one process of ``pool``) and one gunicorn web worker, all on
+    loopback; yields what the tests need to reach them."""
     redis_port, web_port = free_port(), free_port()
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
-        "MEMLENS_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "MEMLENS_REDIS_URL": redis_url,
         "MEMLENS_CACHE_DIR": str(tmp_path / "shared-cache"),
         "MEMLENS_MAX_JOBS_PER_USER": "1",
     }
@@ -70,7 +78,7 @@ def team(tmp_path):
         )
         processes.append(
             start(
-                [str(bin_dir / "celery"), "-A", "app:celery_app", "worker", "--pool=solo"]
+                [str(bin_dir / "celery"), "-A", "app:celery_app", "worker", f"--pool={pool}"]
                 + ["-c", "1", "--loglevel=INFO", "--without-gossip", "--without-mingle"],
                 env,
                 tmp_path / "celery.log",
@@ -86,12 +94,27 @@ def team(tmp_path):
         )
         yield {
             "url": f"http://127.0.0.1:{web_port}",
+            "redis_url": redis_url,
             "cache_dir": tmp_path / "shared-cache",
             "logs": tmp_path,
             "processes": processes,
         }
     finally:
         stop(processes)
+
+
+@pytest.fixture
+def team(tmp_path):
+    """The README's set-up with a solo-pool worker: the job runs in the worker process."""
+    with serve_team(tmp_path, "solo") as servers:
+        yield servers
+
+
+@pytest.fixture
+def prefork_team(tmp_path):
+    """The same with Celery's default prefork pool: the job runs in a child of the worker."""
+    with serve_team(tmp_path, "prefork") as servers:
+        yield servers
 
 
 def wait_until_up(team: dict) -> None:
@@ -110,16 +133,22 @@ def wait_until_up(team: dict) -> None:
     pytest.fail(f"the web server did not answer within {START_TIMEOUT_S}s")
 
 
-def run_prompt_set_job(client: DashClient):
-    """Press the Compare page's "Run prompt set" with PROMPTS, and wait for the answer."""
+def prompt_set_job(client: DashClient, prompts: str = PROMPTS) -> tuple[dict, dict]:
+    """The Compare page's "Run prompt set" callback, and its values for ``prompts``."""
     dependency = client.find("compare-set-table.data", trigger="compare-set-run.n_clicks")
     values = {
         "compare-set-run.n_clicks": 1,
         "compare-set-source.value": "text",
-        "compare-set-text.value": PROMPTS,
+        "compare-set-text.value": prompts,
         "compare-set-measures.value": MEASURES,
         "compare-model.value": MODEL,
     }
+    return dependency, values
+
+
+def run_prompt_set_job(client: DashClient):
+    """Press the Compare page's "Run prompt set" with PROMPTS, and wait for the answer."""
+    dependency, values = prompt_set_job(client)
     return client.run_background(
         dependency, values, ["compare-set-run.n_clicks"], timeout_s=START_TIMEOUT_S
     )
@@ -157,3 +186,88 @@ def test_job_on_a_celery_worker_matches_the_same_job_here(team, store):
     assert alert["is_open"] is True
     assert alert["children"].startswith("You already have 1 job running")
     assert "compare-set-table" not in refused.outputs  # nothing else changed
+
+
+def test_a_job_whose_worker_process_is_killed_fails_with_a_message(prefork_team):
+    wait_until_up(prefork_team)
+    client = DashClient(prefork_team["url"])
+    client.open("/compare")
+    celery_app = serving.make_celery(prefork_team["redis_url"])
+    # Enough prompts that the job is still running when its process is killed.
+    many = "\n".join(f"Prompt number {n} repeats, prompt number {n} repeats." for n in range(400))
+    dependency, values = prompt_set_job(client, many)
+    outcome = {}
+
+    def press_run():
+        outcome["result"] = client.run_background(
+            dependency, values, ["compare-set-run.n_clicks"], timeout_s=START_TIMEOUT_S
+        )
+
+    browser = threading.Thread(target=press_run)
+    browser.start()
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not (started := started_tasks(celery_app)):
+        assert time.monotonic() < deadline and browser.is_alive(), "the job never started"
+        time.sleep(0.2)
+    (pid,) = started
+    assert pid != prefork_team["processes"][1].pid  # a pool child, not the worker itself
+
+    os.kill(pid, signal.SIGKILL)  # what the kernel's OOM killer does
+    browser.join(START_TIMEOUT_S)
+
+    result = outcome["result"]
+    assert result.status == 200
+    alert = result.side[APP_ALERT]
+    assert alert["is_open"] is True
+    assert "the long job stopped before it finished" in alert["children"]
+    assert "compare-set-table" not in result.outputs  # the page keeps what it showed
+    assert "WorkerLostError" in (prefork_team["logs"] / "celery.log").read_text()
+
+
+def started_tasks(celery_app) -> list[int]:
+    """Pids of the processes running a STARTED job, read from Redis as a web worker would."""
+    client = celery_app.backend.client
+    pids = []
+    for key in client.scan_iter("celery-task-meta-*"):
+        meta = json.loads(client.get(key))
+        if meta.get("status") == "STARTED":
+            pids.append(meta["result"]["pid"])
+    return pids
+
+
+def test_a_job_still_running_past_every_time_limit_has_lost_its_worker(tmp_path):
+    """A worker (or its machine) that died outright marks nothing: the job stays STARTED."""
+    port = free_port()
+    redis = start(
+        [REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
+        dict(os.environ),
+        tmp_path / "redis.log",
+    )
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        celery_app = serving.make_celery(url)
+        manager = serving.RedisJobManager(celery_app, url, lost_after_s=1.0)
+        wait_for_redis(celery_app)
+        # What a worker on another machine wrote when it took the job, before it vanished.
+        celery_app.backend.store_result("job-1", {"hostname": "celery@gpu-7", "pid": 4}, "STARTED")
+
+        first = manager.get_result("key-1", "job-1")
+        time.sleep(1.5)
+        later = manager.get_result("key-1", "job-1")
+    finally:
+        stop([redis])
+
+    assert first is manager.UNDEFINED  # still within the time any job may take
+    message = later["background_callback_error"]["msg"]
+    assert message.startswith("the long job stopped answering: it has run on celery@gpu-7")
+
+
+def wait_for_redis(celery_app, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            celery_app.backend.client.ping()
+            return
+        except Exception:
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.1)
