@@ -340,7 +340,7 @@ def make_background_manager(settings: Settings | None = None):
             celery_app, settings.redis_url, lost_after_s=lost_after_s, expire=expire
         )
         return manager, celery_app
-    jobs = ForkSafeCache(str(settings.cache_dir / "jobs"), disk=JobCacheDisk)
+    jobs = ForkSafeCache(str(settings.cache_dir / "jobs"), disk=JobCacheDisk, reopen=True)
     return LocalJobManager(jobs, expire=expire), None
 
 

@@ -77,6 +77,7 @@ def _gated(name: str):
     @functools.wraps(getattr(diskcache.Cache, name))
     def call(self, *args, **kwargs):
         with sqlite_gate():
+            self._reopen_if_removed()
             return getattr(diskcache.Cache, name)(self, *args, **kwargs)
 
     return call
@@ -85,7 +86,39 @@ def _gated(name: str):
 class ForkSafeCache(diskcache.Cache):
     """A ``diskcache.Cache`` whose every call holds :func:`sqlite_gate`, so that no process is
     forked while a thread of it is inside SQLite. Values are read whole inside the call
-    (``read=True`` file handles are not offered)."""
+    (``read=True`` file handles are not offered).
+
+    With ``reopen=True`` it also reopens itself, recreating its directory, once its database
+    file is gone (the directory removed under a running server): without that it would go on
+    using the deleted file, unseen by every other process, and a process forked from it could
+    not open the database at all. Dash's job functions hold their cache object for the life
+    of the server, so the object itself must heal.
+    """
+
+    def __init__(self, directory=None, timeout=60, disk=diskcache.Disk, *, reopen=False, **kw):
+        self._reopen_args = (directory, timeout, disk, kw) if reopen else None
+        self._database = None
+        super().__init__(directory, timeout, disk, **kw)
+        self._database = self._database_identity()
+
+    def _database_identity(self) -> tuple[int, int] | None:
+        """``(device, inode)`` of the database file, None when there is none."""
+        try:
+            stat = os.stat(os.path.join(self.directory, diskcache.core.DBNAME))
+        except OSError:
+            return None
+        return stat.st_dev, stat.st_ino
+
+    def _reopen_if_removed(self) -> None:
+        if self._reopen_args is None or self._database is None:
+            return  # not asked to, or still opening
+        if self._database_identity() == self._database:
+            return
+        logger.warning("cache directory %s vanished; recreating it", self.directory)
+        directory, timeout, disk, kw = self._reopen_args
+        self.close()
+        diskcache.Cache.__init__(self, directory, timeout, disk, **kw)
+        self._database = self._database_identity()
 
     @contextlib.contextmanager
     def transact(self, retry: bool = False):

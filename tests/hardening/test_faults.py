@@ -273,3 +273,17 @@ def test_job_that_finished_returns_its_result(local_manager):
     wait_for_exit(local_manager, job)
 
     assert local_manager.get_result("finished", job) == ["done"]
+
+
+def test_jobs_run_again_after_the_cache_directory_is_removed(local_manager, tmp_path):
+    first = start_job(local_manager, "before", 0)
+    wait_for_exit(local_manager, first)
+    assert local_manager.get_result("before", first) == ["done"]
+
+    shutil.rmtree(tmp_path)  # the whole MEMLENS_CACHE_DIR, jobs included
+    job = start_job(local_manager, "after", 0)
+    wait_for_exit(local_manager, job)
+
+    assert local_manager.get_result("after", job) == ["done"]
+    # Recreated where every web worker looks, not kept in the deleted database.
+    assert (tmp_path / "jobs" / "cache.db").is_file()
