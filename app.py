@@ -13,7 +13,6 @@ import dash
 import dash_bootstrap_components as dbc
 from dash import Dash
 
-import analysis
 import cli
 import serving
 from analysis.settings import get_settings
@@ -51,14 +50,6 @@ app.layout = dbc.Container(
 )
 
 
-def _warm_up() -> None:
-    """Import TransformerLens and load the default model before the first visitor needs them."""
-    try:
-        analysis.load_model()
-    except ValueError as exc:
-        logger.warning("default model not loaded at start-up: %s", exc)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line (``run`` is the default command) and dispatch it."""
     parser = argparse.ArgumentParser(prog="app.py", description="MemLens web app")
@@ -78,7 +69,7 @@ def _run(args: argparse.Namespace) -> int:
     serving.apply_flags(args)
     settings = get_settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    threading.Thread(target=_warm_up, name="warm-up", daemon=True).start()
+    threading.Thread(target=serving.warm_up, name="warm-up", daemon=True).start()
     print(f"MemLens at http://{settings.host}:{settings.port}/", flush=True)
     app.run(host=settings.host, port=settings.port, debug=settings.debug)
     return 0

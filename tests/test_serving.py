@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import os
+import subprocess
+import sys
 
 import dash
 import pytest
@@ -108,3 +110,21 @@ def test_long_jobs_run_below_the_web_workers_cpu_priority(tmp_path):
 
     expected = min(19, os.nice(0) + serving.LocalJobManager.JOB_NICENESS)
     assert int(seen.read_text()) == expected
+
+
+def test_a_warmed_up_worker_has_its_model_and_the_collector_skips_what_it_holds(tmp_path):
+    # In a process of its own: gc.freeze() here would change the test run's own collector.
+    script = (
+        "import gc, serving\n"
+        "from analysis import models\n"
+        "serving.warm_up(freeze=True)\n"
+        "print(gc.get_freeze_count(), len(models._loaded))\n"
+    )
+    env = {**os.environ, "MEMLENS_CACHE_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    )
+
+    frozen, loaded = (int(word) for word in done.stdout.split())
+    assert loaded == 1  # the default model, before any request
+    assert frozen > 100_000  # the libraries and the model, out of the collector's walk
