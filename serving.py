@@ -507,7 +507,11 @@ def register(subparsers) -> None:
     parser.add_argument("--port", type=int, help="port (MEMLENS_PORT)")
     parser.add_argument("--workers", type=int, help="web workers (MEMLENS_WORKERS)")
     parser.add_argument("--cache-dir", help="shared cache directory (MEMLENS_CACHE_DIR)")
-    parser.add_argument("--auth-users", help="basic auth 'name:password,...' (MEMLENS_AUTH_USERS)")
+    parser.add_argument(
+        "--auth-users",
+        help="basic auth 'name:password,...' (MEMLENS_AUTH_USERS; prefer the variable: every "
+        "user of this machine can read a command line)",
+    )
     parser.add_argument("--redis-url", help="run long jobs on Celery (MEMLENS_REDIS_URL)")
     parser.set_defaults(handler=_serve_command)
 
