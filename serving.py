@@ -467,6 +467,26 @@ def _worker_ready(worker) -> None:
     warm_up(freeze=True)
 
 
+def gunicorn_options(settings: Settings | None = None) -> dict:
+    """The gunicorn settings of a MemLens team server, for ``app.py serve`` and for
+    ``gunicorn app:server`` alike (``gunicorn.conf.py`` reads them from here)."""
+    settings = settings or get_settings()
+    return {
+        "bind": f"{settings.host}:{settings.port}",
+        "workers": settings.workers,
+        "worker_class": "gthread",
+        "threads": 4,
+        "timeout": 120,
+        # Longer than a browser's pause between clicks, so that a worker does not close a
+        # kept-alive connection just as the next callback is sent on it (a reset request).
+        "keepalive": 10,
+        "accesslog": None,
+        # Links carry the prompt, so a long prompt makes a long request line.
+        "limit_request_line": 0,
+        "post_worker_init": _worker_ready,
+    }
+
+
 def serve(settings: Settings | None = None) -> None:
     """Run ``app:server`` under gunicorn with ``MEMLENS_WORKERS`` workers."""
     from gunicorn.app.base import BaseApplication
@@ -475,18 +495,8 @@ def serve(settings: Settings | None = None) -> None:
 
     class MemLensServer(BaseApplication):
         def load_config(self):
-            self.cfg.set("bind", f"{settings.host}:{settings.port}")
-            self.cfg.set("workers", settings.workers)
-            self.cfg.set("threads", 4)
-            self.cfg.set("worker_class", "gthread")
-            self.cfg.set("timeout", 120)
-            # Longer than a browser's pause between clicks, so that a worker does not close a
-            # kept-alive connection just as the next callback is sent on it (a reset request).
-            self.cfg.set("keepalive", 10)
-            self.cfg.set("accesslog", None)
-            # Links carry the prompt, so a long prompt makes a long request line.
-            self.cfg.set("limit_request_line", 0)
-            self.cfg.set("post_worker_init", _worker_ready)
+            for name, value in gunicorn_options(settings).items():
+                self.cfg.set(name, value)
 
         def load(self):
             from app import server

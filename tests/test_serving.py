@@ -6,13 +6,17 @@ import base64
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import dash
 import pytest
+import requests
 from dash import CeleryManager, DiskcacheManager, html
 
 import serving
 from analysis.settings import Settings
+from bench.processes import free_port, start, stop
 from components.jobs import BROWSER_COOKIE
 
 
@@ -128,3 +132,37 @@ def test_a_warmed_up_worker_has_its_model_and_the_collector_skips_what_it_holds(
     frozen, loaded = (int(word) for word in done.stdout.split())
     assert loaded == 1  # the default model, before any request
     assert frozen > 100_000  # the libraries and the model, out of the collector's walk
+
+
+@pytest.mark.slow
+def test_plain_gunicorn_serves_the_app_with_the_serve_commands_settings(tmp_path):
+    port = free_port()
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "MEMLENS_CACHE_DIR": str(tmp_path / "cache"),
+        "MEMLENS_PORT": str(port),
+        "MEMLENS_WORKERS": "1",
+        "MEMLENS_REDIS_URL": "",
+    }
+    log = tmp_path / "gunicorn.log"
+    gunicorn = str(Path(sys.executable).parent / "gunicorn")
+    server = start([gunicorn, "app:server"], env, log)  # gunicorn.conf.py is read from the repo
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, "gunicorn did not answer"
+            try:
+                page = requests.get(f"http://127.0.0.1:{port}/", timeout=5)
+                break
+            except requests.RequestException:  # not listening yet, or still warming up
+                time.sleep(0.5)
+    finally:
+        stop([server])
+
+    assert page.status_code == 200 and '"_dash-config"' in page.text
+    text = log.read_text()
+    assert f"Listening at: http://127.0.0.1:{port}" in text  # MEMLENS_HOST's default, not 0.0.0.0
+    assert "Using worker: gthread" in text
