@@ -24,6 +24,7 @@ import hmac
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 
@@ -60,7 +61,46 @@ def make_celery(redis_url: str, job_timeout_s: float | None = None):
     )
     if job_timeout_s:
         celery_app.conf.task_time_limit = hard_time_limit_s(job_timeout_s)
+    _answer_roll_call(celery_app)
     return celery_app
+
+
+# Every running Celery worker writes its name and the time into this Redis sorted set every
+# WORKER_BEAT_S seconds, so a web worker can tell a job queued behind others from a job that no
+# worker will ever take (none is running).
+WORKERS_KEY = "memlens-celery-workers"
+WORKER_BEAT_S = 5.0
+
+
+def _answer_roll_call(celery_app) -> None:
+    """Make each worker of ``celery_app`` note itself in :data:`WORKERS_KEY` while it runs."""
+    from celery.signals import worker_ready
+
+    def beat(name: str) -> None:
+        while True:
+            try:
+                now = time.time()
+                client = celery_app.backend.client
+                client.zadd(WORKERS_KEY, {name: now})
+                client.zremrangebyscore(WORKERS_KEY, 0, now - 60 * WORKER_BEAT_S)
+            except _redis_errors() as exc:
+                logger.warning("cannot note this worker in Redis: %s", exc)
+            time.sleep(WORKER_BEAT_S)
+
+    def start_beating(sender=None, **_) -> None:
+        if getattr(sender, "app", celery_app) is not celery_app:
+            return  # another Celery app in this process
+        name = getattr(sender, "hostname", None) or f"celery@{os.getpid()}"
+        threading.Thread(target=beat, args=(name,), name="memlens-roll-call", daemon=True).start()
+
+    worker_ready.connect(start_beating, weak=False)
+
+
+def workers_alive(celery_app) -> int:
+    """How many Celery workers noted themselves in Redis within the last three beats."""
+    return int(
+        celery_app.backend.client.zcount(WORKERS_KEY, time.time() - 3 * WORKER_BEAT_S, "+inf")
+    )
 
 
 def hard_time_limit_s(job_timeout_s: float) -> int:
@@ -219,15 +259,33 @@ class RedisJobManager(CeleryManager):
     poll it for ever: Celery marks a job FAILURE without a result when the worker's pool
     process is killed (out of memory, ``kill -9``, the hard time limit); a job still STARTED
     ``lost_after_s`` after a web worker first saw it start has outlived the hard time limit, so
-    its worker (or its machine) is gone.
+    its worker (or its machine) is gone. A job still queued ``queued_grace_s`` after it was first
+    polled, while no worker answers the roll call (:data:`WORKERS_KEY`), has nobody to run it.
     """
 
-    STARTED_PREFIX = "memlens-started-"
+    SEEN_PREFIX = "memlens-seen-"
 
-    def __init__(self, celery_app, redis_url: str, *, lost_after_s: float, **kwargs) -> None:
+    def __init__(
+        self,
+        celery_app,
+        redis_url: str,
+        *,
+        lost_after_s: float,
+        queued_grace_s: float = 3 * WORKER_BEAT_S,
+        **kwargs,
+    ) -> None:
         super().__init__(celery_app, **kwargs)
         self.redis_url = redis_url
         self.lost_after_s = lost_after_s
+        self.queued_grace_s = queued_grace_s
+
+    def _seen_for(self, job, state: str) -> float:
+        """Seconds since a web worker first saw ``job`` in ``state``; every web worker polling
+        it agrees, since the first sighting is kept in Redis."""
+        key = f"{self.SEEN_PREFIX}{state.lower()}-{job}"
+        client = self.handle.backend.client
+        client.set(key, repr(time.time()), nx=True, ex=int(self.lost_after_s * 2) + 60)
+        return time.time() - float(client.get(key) or time.time())
 
     def lost_message(self, job) -> str | None:
         """Why ``job`` can no longer answer, None while it may (queued, running, done)."""
@@ -236,13 +294,19 @@ class RedisJobManager(CeleryManager):
             reason = type(task.result).__name__  # WorkerLostError, TimeLimitExceeded, ...
             logger.warning("long job %s failed on its Celery worker (%s)", job, reason)
             return JOB_DIED_MESSAGE
+        if task.state == "PENDING":
+            if self._seen_for(job, task.state) <= self.queued_grace_s:
+                return None
+            if workers_alive(self.handle):
+                return None  # queued behind other jobs
+            logger.warning("long job %s queued, and no Celery worker is running", job)
+            return (
+                f"no Celery worker is taking long jobs from Redis at {self.redis_url}: start one "
+                "(celery -A app:celery_app worker), then run the job again"
+            )
         if task.state != "STARTED":
             return None
-        # Every web worker polling this job agrees on when it was first seen running.
-        key = f"{self.STARTED_PREFIX}{job}"
-        client = self.handle.backend.client
-        client.set(key, repr(time.time()), nx=True, ex=int(self.lost_after_s * 2) + 60)
-        running_s = time.time() - float(client.get(key) or time.time())
+        running_s = self._seen_for(job, task.state)
         if running_s <= self.lost_after_s:
             return None
         worker = task.info.get("hostname") if isinstance(task.info, dict) else None

@@ -172,8 +172,9 @@ def test_job_on_a_celery_worker_matches_the_same_job_here(team, store):
         remote_values = np.array([row[column] for row in rows], dtype=float)
         local_values = np.array([row[column] for row in local.rows], dtype=float)
         np.testing.assert_allclose(remote_values, local_values, atol=ATOL, rtol=0)
-    # It ran on the worker, not in the web server.
+    # It ran on the worker, not in the web server; the worker answers the roll call.
     assert "succeeded" in (team["logs"] / "celery.log").read_text()
+    assert serving.workers_alive(serving.make_celery(team["redis_url"])) == 1
 
     # The same browser, with its one job slot taken, is told so by the worker.
     owner = f"browser:{client.session.cookies.get(BROWSER_COOKIE)}"
@@ -235,8 +236,9 @@ def started_tasks(celery_app) -> list[int]:
     return pids
 
 
-def test_a_job_still_running_past_every_time_limit_has_lost_its_worker(tmp_path):
-    """A worker (or its machine) that died outright marks nothing: the job stays STARTED."""
+@pytest.fixture
+def bare_redis(tmp_path):
+    """A real Redis and a Celery app on it, with no worker: a web worker's view of the set-up."""
     port = free_port()
     redis = start(
         [REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
@@ -246,20 +248,10 @@ def test_a_job_still_running_past_every_time_limit_has_lost_its_worker(tmp_path)
     try:
         url = f"redis://127.0.0.1:{port}/0"
         celery_app = serving.make_celery(url)
-        manager = serving.RedisJobManager(celery_app, url, lost_after_s=1.0)
         wait_for_redis(celery_app)
-        # What a worker on another machine wrote when it took the job, before it vanished.
-        celery_app.backend.store_result("job-1", {"hostname": "celery@gpu-7", "pid": 4}, "STARTED")
-
-        first = manager.get_result("key-1", "job-1")
-        time.sleep(1.5)
-        later = manager.get_result("key-1", "job-1")
+        yield celery_app, url
     finally:
         stop([redis])
-
-    assert first is manager.UNDEFINED  # still within the time any job may take
-    message = later["background_callback_error"]["msg"]
-    assert message.startswith("the long job stopped answering: it has run on celery@gpu-7")
 
 
 def wait_for_redis(celery_app, timeout_s: float = 20) -> None:
@@ -271,3 +263,36 @@ def wait_for_redis(celery_app, timeout_s: float = 20) -> None:
         except Exception:
             assert time.monotonic() < deadline, "redis-server did not start"
             time.sleep(0.1)
+
+
+def test_a_job_still_running_past_every_time_limit_has_lost_its_worker(bare_redis):
+    """A worker (or its machine) that died outright marks nothing: the job stays STARTED."""
+    celery_app, url = bare_redis
+    manager = serving.RedisJobManager(celery_app, url, lost_after_s=1.0)
+    # What a worker on another machine wrote when it took the job, before it vanished.
+    celery_app.backend.store_result("job-1", {"hostname": "celery@gpu-7", "pid": 4}, "STARTED")
+
+    first = manager.get_result("key-1", "job-1")
+    time.sleep(1.5)
+    later = manager.get_result("key-1", "job-1")
+
+    assert first is manager.UNDEFINED  # still within the time any job may take
+    message = later["background_callback_error"]["msg"]
+    assert message.startswith("the long job stopped answering: it has run on celery@gpu-7")
+
+
+def test_a_queued_job_fails_with_a_message_only_when_no_worker_is_running(bare_redis):
+    celery_app, url = bare_redis
+    manager = serving.RedisJobManager(celery_app, url, lost_after_s=60, queued_grace_s=0.5)
+    # A job nobody took yet reads PENDING.
+
+    first = manager.get_result("key-2", "job-2")
+    time.sleep(0.7)
+    celery_app.backend.client.zadd(serving.WORKERS_KEY, {"celery@busy": time.time()})
+    queued = manager.get_result("key-2", "job-2")  # a worker is up, busy with other jobs
+    celery_app.backend.client.delete(serving.WORKERS_KEY)
+    alone = manager.get_result("key-2", "job-2")
+
+    assert first is manager.UNDEFINED and queued is manager.UNDEFINED
+    message = alone["background_callback_error"]["msg"]
+    assert message.startswith(f"no Celery worker is taking long jobs from Redis at {url}")
