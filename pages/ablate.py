@@ -261,6 +261,12 @@ def page_search(model, prompt, components, positions, method, source, references
 # --- Layout ------------------------------------------------------------------------------------
 
 
+# The downstream views before any ablation: one height, so both download bars line up.
+_DOWNSTREAM_EMPTY = 260
+_CHANGE_WAITS = "Ablate to see which heads moved."
+_HEAD_WAITS = "Then click a head."
+
+
 def _graph(graph_id: str, message: str, height: int = 300) -> html.Div:
     figure = make_empty_figure(message, height=height)
     graph = dcc.Loading(
@@ -427,8 +433,8 @@ def layout(**query) -> html.Div:
                 "Downstream attention: what the ablation changed",
                 dbc.Row(
                     [
-                        dbc.Col(_graph(ATTN_CHANGE, "Ablate to see which heads moved.", 260), lg=4),
-                        dbc.Col(_graph(ATTN_HEAD, "Then click a head.", 420), lg=8),
+                        dbc.Col(_graph(ATTN_CHANGE, _CHANGE_WAITS, _DOWNSTREAM_EMPTY), lg=4),
+                        dbc.Col(_graph(ATTN_HEAD, _HEAD_WAITS, _DOWNSTREAM_EMPTY), lg=8),
                     ]
                 ),
                 extra=_hint(
@@ -640,8 +646,8 @@ def show_downstream_attention(request, click, dark, selected, data):
 def _before_any_ablation(dark: bool):
     """The downstream views' placeholders, in :func:`downstream_figures`' shape."""
     return (
-        make_empty_figure("Ablate to see which heads moved.", dark=dark, height=260),
-        make_empty_figure("Then click a head.", dark=dark, height=420),
+        make_empty_figure(_CHANGE_WAITS, dark=dark, height=_DOWNSTREAM_EMPTY),
+        make_empty_figure(_HEAD_WAITS, dark=dark, height=_DOWNSTREAM_EMPTY),
         None,
     )
 
