@@ -201,6 +201,7 @@ class ArrayStore:
                 eviction_policy="least-recently-used",
                 disk=NoPickleDisk,
                 tag_index=True,
+                reopen=True,  # a directory removed under a running server is recreated
             )
         except (OSError, sqlite3.Error) as exc:
             raise CacheWriteError(
@@ -285,12 +286,6 @@ def default_store() -> ArrayStore:
     directory = settings.cache_dir / "analyses"
     size = int(settings.cache_size_gb * 1024**3)
     key = (str(directory), size)
-    if key in _stores and not directory.is_dir():
-        # Removed under a running server: reopen, so new entries land on disk again (the old
-        # handle would keep writing into the deleted database, unseen by other processes).
-        # Threads still reading through the old handle finish on the deleted files.
-        logger.warning("cache directory %s vanished; recreating it", directory)
-        del _stores[key]
     if key not in _stores:
         _stores[key] = ArrayStore(directory, size)
     return _stores[key]
